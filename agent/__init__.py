@@ -1,0 +1,3 @@
+"""The zonewatch agent."""
+
+__version__ = "0.1.0"

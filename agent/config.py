@@ -1,0 +1,116 @@
+"""The agent's configuration: one frozen object built from a TOML file and flags.
+
+Only the CLI calls load_config; nothing else reads files or the environment.
+Precedence: flag > file > default. Interval and interfaces are defaults until
+the collector's policy arrives: the collector owns policy.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_COLLECTOR = "127.0.0.1:7390"
+DEFAULT_STATE_DIR = Path("/var/lib/zonewatch-agent")
+DEFAULT_CONFIG = Path("/etc/zonewatch/agent.toml")
+LABELS = ("department", "county", "site", "role")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    collector: str = DEFAULT_COLLECTOR
+    state_dir: Path = DEFAULT_STATE_DIR
+    interval_s: float = 10.0
+    interfaces: tuple[str, ...] = ()
+    department: str = ""
+    county: str = ""
+    site: str = ""
+    role: str = ""
+    hostname: str = field(default_factory=lambda: os.uname().nodename)
+    spool_max_bytes: int = 256 * 1024 * 1024
+    # Batches sent ahead of their acks on one stream.
+    window: int = 32
+    # A stream whose oldest unacked batch waits longer than this is torn down and retried.
+    ack_timeout_s: float = 30.0
+
+    @property
+    def spool_path(self) -> Path:
+        return self.state_dir / "spool.db"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in LABELS}
+
+
+_FILE_KEYS = {
+    "collector": str,
+    "state_dir": str,
+    "interval": (int, float),
+    "interfaces": list,
+    "hostname": str,
+    "spool_max_mb": int,
+}
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
+    """Build the config from `path` (if given, or the default file if it exists) and flag overrides."""
+    values: dict[str, Any] = {}
+    if path is not None or DEFAULT_CONFIG.exists():
+        values = _read_file(path or DEFAULT_CONFIG)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = AgentConfig()
+    known = {f.name for f in fields(AgentConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    config = replace(config, **values)
+    if not config.interval_s > 0:
+        raise ConfigError(f"interval must be > 0 seconds, got {config.interval_s}")
+    if ":" not in config.collector:
+        raise ConfigError(f"collector must be HOST:PORT, got {config.collector!r}")
+    return config
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    values: dict[str, Any] = {}
+    labels = data.pop("labels", {})
+    if not isinstance(labels, dict):
+        raise ConfigError(f"{path}: [labels] must be a table")
+    for name, value in labels.items():
+        if name not in LABELS:
+            raise ConfigError(f"{path}: unknown label {name!r} (known: {', '.join(LABELS)})")
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: label {name} must be a string")
+        values[name] = value
+    for key, value in data.items():
+        expected = _FILE_KEYS.get(key)
+        if expected is None:
+            raise ConfigError(
+                f"{path}: unknown key {key!r} (known: {', '.join(sorted(_FILE_KEYS))}, [labels])"
+            )
+        if not isinstance(value, expected):  # type: ignore[arg-type]
+            raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+        if key == "interval":
+            values["interval_s"] = float(value)
+        elif key == "interfaces":
+            values["interfaces"] = tuple(str(v) for v in value)
+        elif key == "state_dir":
+            values["state_dir"] = Path(value)
+        elif key == "spool_max_mb":
+            values["spool_max_bytes"] = value * 1024 * 1024
+        else:
+            values[key] = value
+    return values

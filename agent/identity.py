@@ -1,0 +1,33 @@
+"""The agent's identity, kept in its state directory so it survives restarts.
+
+Until certificate enrollment exists this is a random id created on first start;
+enrollment will derive it from the agent's public key instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from agent.errors import AgentError
+
+
+def load_or_create_agent_id(state_dir: Path) -> str:
+    path = state_dir / "agent_id"
+    try:
+        if path.exists():
+            agent_id = path.read_text(encoding="utf-8").strip()
+            if agent_id:
+                return agent_id
+        state_dir.mkdir(parents=True, exist_ok=True)
+        agent_id = secrets.token_hex(16)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(agent_id + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return agent_id
+    except OSError as exc:
+        raise AgentError(f"cannot keep the agent id in {state_dir}: {exc.strerror or exc}") from exc

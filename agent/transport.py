@@ -1,0 +1,214 @@
+"""Delivery: the spool's batches to the collector, exactly once in effect.
+
+One Report stream at a time. After the hello the collector says how far it has
+settled this agent (so a batch committed but whose ack was lost is not sent
+again); then batches go out ahead of their acks, up to a window. Every ack
+deletes what it covers from the spool; a rejection discards that one batch (an
+invalid batch would be refused forever) and is logged. Any failure ends the
+stream; the next one starts after a jittered, bounded backoff and resends
+whatever is still spooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import grpc
+
+from agent.backoff import Backoff
+from agent.errors import TransportError
+from agent.spool import Spool
+from agent.wire import POLICY_METHOD, REPORT_METHOD, parse_response
+from protos.zonewatch.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    # We do our own reconnect with jitter; keep grpc's own retry from hiding failures.
+    ("grpc.enable_retries", 0),
+]
+
+
+class PolicyUpdate(NamedTuple):
+    version: str
+    sample_interval_s: int
+    interfaces: tuple[str, ...]
+    batch_max_facts: int
+    policy_refresh_s: int
+
+
+class TransportStats:
+    def __init__(self) -> None:
+        self.connected = False
+        self.sessions = 0
+        self.acked_seq = 0
+        self.rejected = 0
+        self.last_error = ""
+
+
+class Transport:
+    def __init__(
+        self,
+        target: str,
+        spool: Spool,
+        hello: Callable[[], bytes],
+        *,
+        window: int = 32,
+        ack_timeout_s: float = 30.0,
+        stream_max_s: float = 600.0,
+        backoff: Backoff | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._target = target
+        self._spool = spool
+        self._hello = hello
+        self._window = window
+        self._ack_timeout = ack_timeout_s
+        self._stream_max = stream_max_s
+        self._backoff = backoff or Backoff()
+        self._monotonic = monotonic
+        self._wake = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self.stats = TransportStats()
+
+    def notify(self) -> None:
+        """New batches are in the spool."""
+        self._wake.set()
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._target, options=CHANNEL_OPTIONS)
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set, reconnecting with backoff."""
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                self._backoff.reset()
+                continue
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.stats.connected:
+                    self.stats.connected = False
+                    continue  # a stream's planned end: reconnect at once
+                self.stats.last_error = f"{exc.code().name}: {exc.details()}"
+            except TransportError as exc:
+                self.stats.last_error = str(exc)
+            self.stats.connected = False
+            delay = self._backoff.next_delay()
+            log.warning("collector %s: %s; retrying in %.1f s", self._target, self.stats.last_error, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        channel = self._open_channel()
+        call = channel.stream_stream(
+            REPORT_METHOD, request_serializer=None, response_deserializer=parse_response
+        )(timeout=self._stream_max)
+        try:
+            await call.write(self._hello())
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise TransportError("the collector closed the stream before welcoming us")
+            if first.WhichOneof("body") != "welcome":
+                raise TransportError(f"expected a welcome, got {first.WhichOneof('body')}")
+            acked = first.welcome.acked_seq
+            self._spool.acknowledge(acked)
+            self.stats.connected = True
+            self.stats.sessions += 1
+            self.stats.acked_seq = acked
+            inflight: dict[int, float] = {}
+            sender = asyncio.create_task(self._send(call, acked, inflight, stop))
+            receiver = asyncio.create_task(self._receive(call, inflight))
+            done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, TransportError):
+                    await task
+            for task in done:
+                task.result()  # re-raise what ended the session
+        finally:
+            call.cancel()
+
+    async def _send(
+        self, call: grpc.aio.StreamStreamCall, after: int, inflight: dict[int, float], stop: asyncio.Event
+    ) -> None:
+        sent_upto = after
+        while not stop.is_set():
+            self._wake.clear()
+            room = self._window - len(inflight)
+            batches = self._spool.pending(after_seq=sent_upto, limit=room) if room > 0 else []
+            for batch in batches:
+                await call.write(batch.payload)
+                inflight[batch.seq] = self._monotonic()
+                sent_upto = batch.seq
+            if inflight and self._monotonic() - min(inflight.values()) > self._ack_timeout:
+                raise TransportError(f"no ack within {self._ack_timeout:.0f} s")
+            if not batches or len(inflight) >= self._window:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+        await call.done_writing()
+
+    async def _receive(self, call: grpc.aio.StreamStreamCall, inflight: dict[int, float]) -> None:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                raise TransportError("the collector ended the stream")
+            kind = response.WhichOneof("body")
+            if kind == "ack":
+                acked = response.ack.acked_seq
+                self._spool.acknowledge(acked)
+                self.stats.acked_seq = max(self.stats.acked_seq, acked)
+                for seq in [s for s in inflight if s <= acked]:
+                    del inflight[seq]
+            elif kind == "rejection":
+                rejection = response.rejection
+                self.stats.rejected += 1
+                log.error(
+                    "collector rejected batch %d (%s): %s", rejection.seq, rejection.field, rejection.message
+                )
+                if rejection.seq and rejection.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+                    self._spool.discard(rejection.seq)
+                inflight.pop(rejection.seq, None)
+                if rejection.code != grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+                    raise TransportError(f"collector refused batch {rejection.seq}: {rejection.message}")
+            self._wake.set()
+
+    async def get_policy(
+        self, current_version: str, agent_id: str, timeout_s: float = 10.0
+    ) -> PolicyUpdate | None:
+        """The collector's policy if it differs from current_version, else None."""
+        channel = self._open_channel()
+        method = channel.unary_unary(
+            POLICY_METHOD,
+            request_serializer=agent_pb2.GetPolicyRequest.SerializeToString,
+            response_deserializer=agent_pb2.GetPolicyResponse.FromString,
+        )
+        try:
+            response = await method(
+                agent_pb2.GetPolicyRequest(agent_id=agent_id, current_version=current_version),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(f"GetPolicy: {exc.code().name}: {exc.details()}") from exc
+        if response.unchanged:
+            return None
+        p = response.policy
+        return PolicyUpdate(
+            response.version, p.sample_interval_s, tuple(p.interfaces), p.batch_max_facts, p.policy_refresh_s
+        )

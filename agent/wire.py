@@ -1,0 +1,71 @@
+"""Protobuf at the agent's edge: typed facts in, wire bytes (or their JSON view) out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from agent.sensors.interfaces import InterfaceSample
+from agent.spool import DropReport
+from protos.zonewatch.v1 import agent_pb2, facts_pb2
+
+REPORT_METHOD = "/zonewatch.v1.AgentService/Report"
+POLICY_METHOD = "/zonewatch.v1.AgentService/GetPolicy"
+
+
+def hello_request(
+    agent_id: str, hostname: str, version: str, labels: dict[str, str], policy_version: str, time_ms: int
+) -> agent_pb2.ReportRequest:
+    return agent_pb2.ReportRequest(
+        hello=agent_pb2.Hello(
+            agent_id=agent_id,
+            hostname=hostname,
+            agent_version=version,
+            labels=agent_pb2.HostLabels(**labels),
+            policy_version=policy_version,
+            time_ms=time_ms,
+        )
+    )
+
+
+def batch_request(
+    seq: int,
+    sent_ms: int,
+    time_ms: int,
+    samples: Sequence[InterfaceSample],
+    dropped: DropReport | None = None,
+) -> agent_pb2.ReportRequest:
+    facts = [
+        facts_pb2.Fact(time_ms=time_ms, interface_sample=facts_pb2.InterfaceSample(**s._asdict()))
+        for s in samples
+    ]
+    if dropped is not None:
+        facts.append(
+            facts_pb2.Fact(
+                time_ms=time_ms,
+                data_loss=facts_pb2.DataLoss(
+                    reason="spool_full",
+                    facts=dropped.facts,
+                    first_seq=dropped.first_seq,
+                    last_seq=dropped.last_seq,
+                    from_ms=dropped.from_ms,
+                    to_ms=dropped.to_ms,
+                ),
+            )
+        )
+    return agent_pb2.ReportRequest(batch=agent_pb2.Batch(seq=seq, sent_ms=sent_ms, facts=facts))
+
+
+def to_json(message: Any) -> str:
+    """The message as the proto3 JSON mapping, every field shown, names as in the .proto."""
+    as_dict = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return json.dumps(as_dict, ensure_ascii=False, indent=2)
+
+
+def parse_response(data: bytes) -> agent_pb2.ReportResponse:
+    return agent_pb2.ReportResponse.FromString(data)

@@ -1,0 +1,269 @@
+"""zonewatch-collector: the command line. It only wires: parse, build the config, call, print.
+
+Library errors (CollectorError) become one readable line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from collector import __version__
+from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig
+from collector.errors import CollectorError, QueryError
+from collector.policy import AgentPolicy
+
+FORMATS = ("table", "json", "csv")
+
+EXAMPLES = """\
+examples:
+  zonewatch-collector serve --db /var/lib/zonewatch/collector.db --listen 0.0.0.0:7390
+  zonewatch-collector agents --status offline
+  zonewatch-collector bandwidth --since 1h --top 10
+  zonewatch-collector bandwidth --agent web-01 --iface eth0 --since 2026-11-27 --until 2026-11-28 --format csv
+  zonewatch-collector watch
+"""
+
+
+def _db_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=Path(os.environ.get("ZONEWATCH_DB", DEFAULT_DB)),
+        help=f"the collector's SQLite file (default: $ZONEWATCH_DB or ./{DEFAULT_DB})",
+    )
+
+
+def _format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table for people (default), json or csv for scripts",
+    )
+
+
+def _duration(text: str) -> int:
+    """'90s', '10m', '2h', '1d' -> milliseconds."""
+    units = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    try:
+        value = float(text[:-1]) if text[-1] in units else float(text)
+        scale = units.get(text[-1], 1000)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"malformed duration {text!r}: use 90s, 10m, 2h or 1d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
+    return int(value * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zonewatch-collector",
+        description="zonewatch collector: receives agents' facts over gRPC, stores them in SQLite, "
+        "answers operators' queries.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"zonewatch-collector {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the collector (gRPC server + embedded SQLite) until SIGTERM/Ctrl-C",
+        description="Listen for agents, validate and durably store their reports, serve them their policy. "
+        "SIGTERM or Ctrl-C stops it gracefully: in-flight batches are committed and acknowledged first.",
+    )
+    _db_arg(serve)
+    serve.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})"
+    )
+    serve.add_argument(
+        "--sample-interval",
+        type=int,
+        default=AgentPolicy.sample_interval_s,
+        metavar="SECONDS",
+        help="policy: how often agents sample their interfaces (default 10)",
+    )
+    serve.add_argument(
+        "--interface",
+        action="append",
+        dest="interfaces",
+        metavar="NAME",
+        default=[],
+        help="policy: interface agents watch (repeatable; default all but loopback)",
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+
+    agents = sub.add_parser(
+        "agents",
+        help="list agents with online/stale/offline status",
+        description="Every agent that has reported, with its labels, last contact and status.",
+    )
+    _db_arg(agents)
+    _format_arg(agents)
+    agents.add_argument("--status", choices=("online", "stale", "offline"), help="only agents in this state")
+    agents.add_argument(
+        "--stale-after",
+        type=_duration,
+        default=60_000,
+        metavar="DURATION",
+        help="silent longer than this: stale (default 60s)",
+    )
+    agents.add_argument(
+        "--offline-after",
+        type=_duration,
+        default=600_000,
+        metavar="DURATION",
+        help="silent longer than this: offline (default 10m)",
+    )
+
+    bw = sub.add_parser(
+        "bandwidth",
+        help="traffic per agent and interface: current, average, p95, peak, utilization",
+        description="Per agent and interface over a time range: current, average, p95 and peak "
+        "bit rates each way, and utilization of the link speed.",
+    )
+    _db_arg(bw)
+    _format_arg(bw)
+    bw.add_argument("--agent", help="agent id, id prefix (4+ chars) or hostname")
+    bw.add_argument("--iface", help="interface name")
+    bw.add_argument(
+        "--since", default="1h", help="start: 15m, 2h, 7d, 2026-11-28 or 2026-11-28T07:00 (default 1h)"
+    )
+    bw.add_argument("--until", default="now", help="end, same forms (default now)")
+    bw.add_argument("--top", type=int, help="only the N busiest interfaces")
+
+    watch = sub.add_parser(
+        "watch",
+        help="live fleet view (agents and bandwidth), refreshed until Ctrl-C",
+        description="Redraw the agents and bandwidth tables every few seconds.",
+    )
+    _db_arg(watch)
+    watch.add_argument(
+        "--every", type=float, default=2.0, metavar="SECONDS", help="refresh period (default 2)"
+    )
+    watch.add_argument("--since", default="1m", help="bandwidth window (default 1m)")
+    watch.add_argument("--count", type=int, default=0, help="stop after N refreshes (default: until Ctrl-C)")
+    return parser
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from collector.server import serve
+
+    if args.sample_interval < 1:
+        raise CollectorError(f"--sample-interval must be at least 1 second, got {args.sample_interval}")
+    config = CollectorConfig(
+        db_path=args.db,
+        listen=args.listen,
+        policy=AgentPolicy(sample_interval_s=args.sample_interval, interfaces=tuple(args.interfaces)),
+    )
+
+    def ready(collector: Any) -> None:
+        host = config.listen.rsplit(":", 1)[0]
+        logging.getLogger("zonewatch").info(
+            "collector listening on %s:%d, database %s, policy %s",
+            host,
+            collector.port,
+            config.db_path,
+            config.policy.version,
+        )
+
+    asyncio.run(serve(config, on_ready=ready))
+    return 0
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from collector.store import open_database
+
+    return open_database(args.db, readonly=True)
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from collector.output import AGENT_COLUMNS, render
+    from collector.store.queries import list_agents
+
+    db = _open(args)
+    rows: list[Any] = list_agents(db, now_ms(), args.stale_after, args.offline_after)
+    if args.status:
+        rows = [r for r in rows if r.status == args.status]
+    render(rows, args.format, AGENT_COLUMNS, sys.stdout)
+    return 0
+
+
+def _bandwidth_rows(db: Any, args: argparse.Namespace, since: str, until: str) -> list[Any]:
+    from collector.output import check_range, parse_time
+    from collector.store.queries import bandwidth, resolve_agent
+
+    now = now_ms()
+    since_ms, until_ms = parse_time(since, now), parse_time(until, now)
+    check_range(since_ms, until_ms)
+    agent = resolve_agent(db, args.agent) if getattr(args, "agent", None) else None
+    top = getattr(args, "top", None)
+    if top is not None and top < 1:
+        raise QueryError(f"--top must be at least 1, got {top}")
+    return bandwidth(
+        db, since_ms=since_ms, until_ms=until_ms, agent=agent, interface=getattr(args, "iface", None), top=top
+    )
+
+
+def cmd_bandwidth(args: argparse.Namespace) -> int:
+    from collector.output import BANDWIDTH_COLUMNS, render
+
+    db = _open(args)
+    render(_bandwidth_rows(db, args, args.since, args.until), args.format, BANDWIDTH_COLUMNS, sys.stdout)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from collector.output import AGENT_COLUMNS, BANDWIDTH_COLUMNS, render
+    from collector.store.queries import list_agents
+
+    console = Console()
+    db = _open(args)
+    shown = 0
+    while True:
+        agents: list[Any] = list_agents(db, now_ms(), 60_000, 600_000)
+        rows = _bandwidth_rows(db, args, args.since, "now")
+        console.clear()
+        console.print(
+            f"[bold]zonewatch fleet[/bold]  {args.db}  {time.strftime('%Y-%m-%d %H:%M:%S')}  (Ctrl-C to quit)"
+        )
+        render(agents, "table", AGENT_COLUMNS, sys.stdout)
+        render(rows, "table", BANDWIDTH_COLUMNS, sys.stdout)
+        shown += 1
+        if args.count and shown >= args.count:
+            return 0
+        time.sleep(args.every)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handlers = {"serve": cmd_serve, "agents": cmd_agents, "bandwidth": cmd_bandwidth, "watch": cmd_watch}
+    try:
+        return handlers[args.command](args)
+    except CollectorError as exc:
+        print(f"zonewatch-collector: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

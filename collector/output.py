@@ -1,0 +1,236 @@
+"""What the CLI prints, and how it reads the times an operator types.
+
+Three formats: ``table`` for people (human units, local times, coloured status),
+``json`` and ``csv`` for programs (raw values, as the queries return them).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, Protocol, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from collector.errors import QueryError
+
+FORMATS = ("table", "json", "csv")
+
+
+class Column(NamedTuple):
+    """One table column: which record field, under which header, formatted how.
+
+    kind: "text", "int", "bps" (bits per second), "bytes", "time" (ms since the
+    epoch, shown in local time), "percent" (a fraction, 0.125 shows as 12.5 %)
+    or "status" (online/stale/offline, coloured).
+    """
+
+    field: str
+    header: str
+    kind: str = "text"
+
+
+AGENT_COLUMNS: tuple[Column, ...] = (
+    Column("hostname", "host"),
+    Column("agent_id", "agent id"),
+    Column("department", "department"),
+    Column("county", "county"),
+    Column("site", "site"),
+    Column("role", "role"),
+    Column("agent_version", "version"),
+    Column("policy_version", "policy"),
+    Column("last_seen_ms", "last seen", "time"),
+    Column("clock_skew_ms", "skew ms", "int"),
+    Column("status", "status", "status"),
+)
+
+BANDWIDTH_COLUMNS: tuple[Column, ...] = (
+    Column("hostname", "host"),
+    Column("department", "department"),
+    Column("county", "county"),
+    Column("interface", "interface"),
+    Column("current_rx_bps", "rx now", "bps"),
+    Column("current_tx_bps", "tx now", "bps"),
+    Column("avg_rx_bps", "rx avg", "bps"),
+    Column("avg_tx_bps", "tx avg", "bps"),
+    Column("p95_rx_bps", "rx p95", "bps"),
+    Column("p95_tx_bps", "tx p95", "bps"),
+    Column("peak_rx_bps", "rx peak", "bps"),
+    Column("peak_tx_bps", "tx peak", "bps"),
+    Column("speed_bps", "speed", "bps"),
+    Column("utilization_p95", "util p95", "percent"),
+    Column("utilization_peak", "util peak", "percent"),
+    Column("total_rx_bytes", "rx bytes", "bytes"),
+    Column("total_tx_bytes", "tx bytes", "bytes"),
+    Column("samples", "samples", "int"),
+    Column("counter_resets", "resets", "int"),
+    Column("last_ms", "last sample", "time"),
+)
+
+
+class Record(Protocol):
+    """What render needs of a row: a NamedTuple."""
+
+    @property
+    def _fields(self) -> tuple[str, ...]: ...
+
+    def _asdict(self) -> dict[str, Any]: ...
+
+
+def render(
+    rows: Sequence[Record],
+    fmt: str,
+    columns: Sequence[Column] | None,
+    stream: TextIO,
+    *,
+    empty_message: str = "no rows",
+) -> None:
+    """Write rows to stream as a table, a JSON array or CSV.
+
+    json carries every field of each record under its field name; table and csv
+    show ``columns`` (every field when None), csv with the raw values and the field
+    names as header, so a header is printed even when there are no rows.
+    """
+    if fmt not in FORMATS:
+        raise QueryError(f"unknown output format {fmt!r}: use table, json or csv")
+    if columns is None:
+        columns = [Column(name, name) for name in rows[0]._fields] if rows else []
+    if fmt == "json":
+        json.dump([row._asdict() for row in rows], stream, ensure_ascii=False, indent=2)
+        stream.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow([column.field for column in columns])
+        writer.writerows([getattr(row, column.field) for column in columns] for row in rows)
+    elif not rows:
+        stream.write(empty_message + "\n")
+    else:
+        _print_table(rows, columns, stream)
+
+
+_NUMERIC = frozenset({"int", "bps", "bytes", "percent"})
+_STATUS_STYLE = {"online": "green", "stale": "yellow", "offline": "red"}
+
+
+def _print_table(rows: Sequence[Record], columns: Sequence[Column], stream: TextIO) -> None:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, highlight=False)
+    for column in columns:
+        table.add_column(column.header, justify="right" if column.kind in _NUMERIC else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*(_cell(getattr(row, column.field), column.kind) for column in columns))
+    console = Console(file=stream, highlight=False)
+    if not console.is_terminal:
+        # Written to a file or a pipe: as wide as the table, never folded to 80 columns.
+        natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+        console.width = max(console.width, natural)
+    console.print(table)
+
+
+def _cell(value: Any, kind: str) -> Text:
+    if kind == "status":
+        return Text(str(value), style=_STATUS_STYLE.get(value, ""))
+    if value is None:
+        return Text("-")
+    formatter = _FORMATTERS.get(kind, str)
+    return Text(formatter(value))
+
+
+def human_bps(bps: float) -> str:
+    """12_345_678 -> "12.3 Mbit/s" (decimal units, as link speeds are sold)."""
+    return _scaled(bps, 1000, ("bit/s", "kbit/s", "Mbit/s", "Gbit/s", "Tbit/s"))
+
+
+def human_bytes(count: float) -> str:
+    """1_288_490_189 -> "1.2 GiB" (binary units, as memory and disks count)."""
+    return _scaled(count, 1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB"))
+
+
+def _scaled(value: float, base: int, units: tuple[str, ...]) -> str:
+    if abs(value) < base:
+        return f"{value:.0f} {units[0]}"
+    for unit in units[1:]:
+        value /= base
+        # 999.97 kbit/s would print as "1000.0 kbit/s": move up a unit first.
+        if abs(value) < base - 0.05 or unit == units[-1]:
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def local_time(ms: int) -> str:
+    """ms since the epoch -> "2026-11-28 07:40:01" in the local time zone."""
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def percent(fraction: float) -> str:
+    return f"{fraction * 100:.1f} %"
+
+
+_FORMATTERS: dict[str, Callable[[Any], str]] = {
+    "text": str,
+    "int": lambda value: f"{value:,}",
+    "bps": human_bps,
+    "bytes": human_bytes,
+    "time": local_time,
+    "percent": percent,
+}
+
+
+_DURATION = re.compile(r"(\d+)\s*([smhd])")
+_UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+# The ISO 8601 forms we document; datetime.fromisoformat alone would also take
+# week dates and compact forms an operator could mistype into.
+_ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_time(text: str, now_ms: int) -> int:
+    """An operator's time -> ms since the epoch.
+
+    "now"; a duration ago ("30s", "15m", "2h", "7d"); a date ("2026-11-28", local
+    midnight); a date and time ("2026-11-28T07:00", "2026-11-28 07:00:00"), local
+    unless it ends in Z or an offset ("+08:00").
+    """
+    cleaned = text.strip()
+    if cleaned.lower() == "now":
+        return now_ms
+    duration = _DURATION.fullmatch(cleaned)
+    if duration is not None:
+        return now_ms - int(duration.group(1)) * _UNIT_MS[duration.group(2)]
+    if _ISO.fullmatch(cleaned):
+        try:
+            moment = datetime.fromisoformat(cleaned)
+            if moment.tzinfo is None:
+                moment = moment.astimezone()  # naive means local: attach the local offset of that day
+            return (moment - _EPOCH) // timedelta(milliseconds=1)
+        except (ValueError, OverflowError, OSError):
+            pass  # 2026-13-01, 25:00 and friends: the same message as any other typo
+    raise QueryError(f"malformed time {text!r}: use 15m, 2h, 7d, 2026-11-28 or 2026-11-28T07:00")
+
+
+def parse_since(since: str, until: str = "now", *, now_ms: int) -> tuple[int, int]:
+    """The CLI's --since/--until pair -> (since_ms, until_ms), a non-empty range."""
+    since_ms = parse_time(since, now_ms)
+    until_ms = parse_time(until, now_ms)
+    check_range(since_ms, until_ms)
+    return since_ms, until_ms
+
+
+def check_range(since_ms: int, until_ms: int) -> None:
+    if since_ms >= until_ms:
+        raise QueryError(
+            f"empty time range: since {_describe(since_ms)} is not before until {_describe(until_ms)}"
+        )
+
+
+def _describe(ms: int) -> str:
+    try:
+        return local_time(ms)
+    except (ValueError, OverflowError, OSError):
+        return f"{ms} ms"

@@ -1,0 +1,233 @@
+"""The AgentService servicer: the only collector code that sees a gRPC context.
+
+It stays thin: parse leniently, validate (validate.py), hand to the group
+commit (ingest.py), answer in order. A Report stream keeps several batches in
+flight so one agent's round trip does not wait for another's fsync, and an
+invalid batch is answered in-band with a Rejection so the stream lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from collector import validate
+from collector.errors import CollectorError, ValidationError
+from collector.ingest import Ingest
+from collector.model import Settled
+from collector.policy import AgentPolicy
+from collector.store.writer import Rejected
+from protos.zonewatch.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = "zonewatch.v1.AgentService"
+# Batches one stream may have between receipt and ack; beyond it we stop
+# reading, and HTTP/2 flow control pushes back on the agent.
+MAX_IN_FLIGHT_PER_STREAM = 64
+
+
+class Unparseable:
+    """A request whose bytes are not a ReportRequest (bad UTF-8, truncated, ...)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def parse_report_request(data: bytes) -> agent_pb2.ReportRequest | Unparseable:
+    # Parsing here instead of in grpc's own deserializer keeps a malformed message
+    # from killing the stream with INTERNAL: it becomes an in-band rejection.
+    try:
+        return agent_pb2.ReportRequest.FromString(data)
+    except DecodeError as exc:
+        return Unparseable(str(exc) or "cannot parse message")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class AgentService:
+    def __init__(self, ingest: Ingest, policy: AgentPolicy, clock_ms: Callable[[], int] = now_ms) -> None:
+        self._ingest = ingest
+        self._policy = policy
+        self._clock_ms = clock_ms
+
+    async def report(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer()
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if isinstance(first, Unparseable) or first.WhichOneof("body") != "hello":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "the first message of a Report stream must be a hello"
+            )
+        try:
+            hello = validate.hello(first.hello)
+        except ValidationError as exc:
+            self._record(
+                Rejected(
+                    first.hello.agent_id[:128], 0, self._clock_ms(), exc.code, exc.field, exc.message, peer
+                )
+            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            acked = await self._ingest.register(hello, self._clock_ms())
+        except CollectorError as exc:
+            log.error("cannot register agent %s: %s", hello.agent_id, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "collector storage is failing; retry later")
+        await context.write(
+            agent_pb2.ReportResponse(
+                welcome=agent_pb2.Welcome(
+                    acked_seq=acked, policy_version=self._policy.version, server_time_ms=self._clock_ms()
+                )
+            )
+        )
+        replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None] = asyncio.Queue(
+            MAX_IN_FLIGHT_PER_STREAM
+        )
+        sender = asyncio.create_task(self._send_replies(replies, context))
+        try:
+            await self._receive(hello.agent_id, peer, replies, context)
+        finally:
+            await replies.put(None)
+            await sender
+
+    async def _receive(
+        self,
+        agent_id: str,
+        peer: str,
+        replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        stream_last = 0
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            received = self._clock_ms()
+            if isinstance(request, Unparseable):
+                item: Any = Rejected(
+                    agent_id,
+                    0,
+                    received,
+                    "INVALID_ARGUMENT",
+                    "request",
+                    f"not a zonewatch.v1.ReportRequest: {request.error}",
+                    peer,
+                )
+            elif request.WhichOneof("body") != "batch":
+                item = Rejected(
+                    agent_id,
+                    0,
+                    received,
+                    "FAILED_PRECONDITION",
+                    "request",
+                    "only batches may follow the hello on a Report stream",
+                    peer,
+                )
+            elif request.batch.seq <= stream_last and request.batch.seq != 0:
+                item = Rejected(
+                    agent_id,
+                    request.batch.seq,
+                    received,
+                    "FAILED_PRECONDITION",
+                    "batch.seq",
+                    f"sequence {request.batch.seq} is not greater than {stream_last}, the previous "
+                    "batch on this stream",
+                    peer,
+                )
+            else:
+                try:
+                    item = validate.batch(request.batch, agent_id, received)
+                    stream_last = item.seq
+                except ValidationError as exc:
+                    seq = request.batch.seq
+                    item = Rejected(agent_id, seq, received, exc.code, exc.field, exc.message, peer)
+                    if 0 < seq <= validate.INT64_MAX:
+                        stream_last = seq
+            try:
+                future = self._ingest.submit(item)
+            except CollectorError as exc:
+                log.error("storage failing, refusing batches: %s", exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "collector storage is failing; retry later")
+            await replies.put(future)
+
+    async def _send_replies(
+        self,
+        replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        failed = False
+        while (future := await replies.get()) is not None:
+            if failed:
+                future.cancel()
+                continue
+            try:
+                outcome = await future
+            except CollectorError:
+                # Not acknowledged: the agent keeps the batch and resends it.
+                failed = True
+                continue
+            if isinstance(outcome, Rejected):
+                reply = agent_pb2.ReportResponse(
+                    rejection=agent_pb2.Rejection(
+                        seq=outcome.seq,
+                        code=grpc.StatusCode[outcome.code].value[0],
+                        message=outcome.message,
+                        field=outcome.field,
+                    )
+                )
+            else:
+                reply = agent_pb2.ReportResponse(
+                    ack=agent_pb2.Ack(acked_seq=outcome.acked_seq, duplicate=outcome.duplicate)
+                )
+            try:
+                await context.write(reply)
+            except Exception:  # the stream went away; the agent will resend what it missed
+                failed = True
+
+    def _record(self, rejected: Rejected) -> None:
+        with contextlib.suppress(CollectorError):
+            self._ingest.submit(rejected)
+
+    async def get_policy(
+        self, request: agent_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetPolicyResponse:
+        version = self._policy.version
+        if request.current_version == version:
+            return agent_pb2.GetPolicyResponse(version=version, unchanged=True)
+        p = self._policy
+        return agent_pb2.GetPolicyResponse(
+            version=version,
+            policy=agent_pb2.Policy(
+                sample_interval_s=p.sample_interval_s,
+                interfaces=list(p.interfaces),
+                batch_max_facts=p.batch_max_facts,
+                policy_refresh_s=p.policy_refresh_s,
+            ),
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Report": grpc.stream_stream_rpc_method_handler(
+                    self.report,
+                    request_deserializer=parse_report_request,
+                    response_serializer=agent_pb2.ReportResponse.SerializeToString,
+                ),
+                "GetPolicy": grpc.unary_unary_rpc_method_handler(
+                    self.get_policy,
+                    request_deserializer=agent_pb2.GetPolicyRequest.FromString,
+                    response_serializer=agent_pb2.GetPolicyResponse.SerializeToString,
+                ),
+            },
+        )

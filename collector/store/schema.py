@@ -1,0 +1,126 @@
+"""The database schema as named, ordered migration steps.
+
+Each step runs once, inside a transaction, and is recorded in schema_migrations;
+a database written by a newer collector is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from collector.errors import StoreError
+
+INITIAL = """
+CREATE TABLE agents (
+    id INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL UNIQUE,
+    hostname TEXT NOT NULL,
+    agent_version TEXT NOT NULL DEFAULT '',
+    department TEXT NOT NULL DEFAULT '',
+    county TEXT NOT NULL DEFAULT '',
+    site TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL DEFAULT '',
+    policy_version TEXT NOT NULL DEFAULT '',
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    -- highest sequence settled (stored or rejected) for this agent
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    -- agent clock minus collector clock at the last batch
+    clock_skew_ms INTEGER NOT NULL DEFAULT 0
+);
+-- One row per settled batch: the idempotency key, and the receive time
+-- stored beside the agent's own timestamps.
+CREATE TABLE batches (
+    agent INTEGER NOT NULL REFERENCES agents(id),
+    seq INTEGER NOT NULL,
+    sent_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    facts INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('stored', 'rejected')),
+    PRIMARY KEY (agent, seq)
+) WITHOUT ROWID;
+CREATE TABLE interface_samples (
+    agent INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    interface TEXT NOT NULL,
+    rx_bytes INTEGER NOT NULL,
+    tx_bytes INTEGER NOT NULL,
+    rx_packets INTEGER NOT NULL,
+    tx_packets INTEGER NOT NULL,
+    rx_errors INTEGER NOT NULL,
+    tx_errors INTEGER NOT NULL,
+    rx_drops INTEGER NOT NULL,
+    tx_drops INTEGER NOT NULL,
+    interval_ms INTEGER NOT NULL,
+    rx_bps REAL NOT NULL,
+    tx_bps REAL NOT NULL,
+    speed_bps INTEGER NOT NULL,
+    utilization REAL NOT NULL,
+    counter_reset INTEGER NOT NULL
+);
+CREATE INDEX interface_samples_by_time ON interface_samples (agent, interface, time_ms);
+-- Facts of kinds that have no table of their own yet, kept verbatim.
+CREATE TABLE other_facts (
+    agent INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE rejections (
+    id INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    field TEXT NOT NULL,
+    message TEXT NOT NULL,
+    peer TEXT NOT NULL
+);
+CREATE TABLE sequence_gaps (
+    agent INTEGER NOT NULL,
+    from_seq INTEGER NOT NULL,
+    to_seq INTEGER NOT NULL,
+    detected_ms INTEGER NOT NULL
+);
+"""
+
+# (name, SQL script). Append only: a step, once released, is never edited.
+MIGRATIONS: list[tuple[str, str]] = [
+    ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
+]
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Apply every pending step; return the schema version now in force."""
+    try:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)"
+        )
+        (current,) = db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"database schema version {current} is newer than this collector knows "
+                f"({len(MIGRATIONS)}); upgrade zonewatch"
+            )
+        for version, (name, script) in enumerate(MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            try:
+                # BEGIN inside the script: executescript would commit a transaction opened before it.
+                db.executescript("BEGIN IMMEDIATE;\n" + script)
+                db.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (version, name, int(time.time() * 1000)),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return len(MIGRATIONS)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot migrate database: {exc}") from exc

@@ -1,0 +1,208 @@
+"""The ingest writer: the only code that writes agents' facts.
+
+It owns the agents' sequence state in memory (loaded at start), so deciding
+"stored, duplicate, gap or out of order" costs no query on the hot path. It is
+not thread-safe on purpose: ingest.py calls it from one thread only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import NamedTuple
+
+from collector.errors import StoreError
+from collector.model import AgentHello, Settled, ValidBatch
+
+
+class Rejected(NamedTuple):
+    """A batch (or message) refused at the edge, recorded for `health` and the agent's ack."""
+
+    agent_id: str
+    seq: int
+    received_ms: int
+    code: str
+    field: str
+    message: str
+    peer: str
+
+
+_INSERT_SAMPLES = "INSERT INTO interface_samples VALUES (?, ?, ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
+
+class _AgentState:
+    __slots__ = ("key", "last_seq")
+
+    def __init__(self, key: int, last_seq: int) -> None:
+        self.key = key
+        self.last_seq = last_seq
+
+
+class Writer:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._agents: dict[str, _AgentState] = {
+            agent_id: _AgentState(key, last_seq)
+            for key, agent_id, last_seq in db.execute("SELECT id, agent_id, last_seq FROM agents")
+        }
+
+    def last_seq(self, agent_id: str) -> int:
+        state = self._agents.get(agent_id)
+        return state.last_seq if state else 0
+
+    def register(self, hello: AgentHello, now_ms: int) -> int:
+        """Create or update the agent's row; return its highest settled sequence."""
+        labels = hello.labels
+        try:
+            with self._transaction():
+                self._db.execute(
+                    """
+                    INSERT INTO agents (agent_id, hostname, agent_version, department, county, site, role,
+                                        policy_version, first_seen_ms, last_seen_ms, clock_skew_ms)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (agent_id) DO UPDATE SET
+                        hostname = excluded.hostname, agent_version = excluded.agent_version,
+                        department = excluded.department, county = excluded.county,
+                        site = excluded.site, role = excluded.role,
+                        policy_version = excluded.policy_version,
+                        last_seen_ms = excluded.last_seen_ms, clock_skew_ms = excluded.clock_skew_ms
+                    """,
+                    (
+                        hello.agent_id,
+                        hello.hostname,
+                        hello.agent_version,
+                        labels.department,
+                        labels.county,
+                        labels.site,
+                        labels.role,
+                        hello.policy_version,
+                        now_ms,
+                        now_ms,
+                        hello.time_ms - now_ms if hello.time_ms else 0,
+                    ),
+                )
+                if hello.agent_id not in self._agents:
+                    (key,) = self._db.execute(
+                        "SELECT id FROM agents WHERE agent_id = ?", (hello.agent_id,)
+                    ).fetchone()
+                    self._agents[hello.agent_id] = _AgentState(key, 0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot register agent {hello.agent_id}: {exc}") from exc
+        return self._agents[hello.agent_id].last_seq
+
+    def commit(self, items: list[ValidBatch | Rejected]) -> list[Settled | Rejected]:
+        """Settle many batches, in arrival order, in one durable transaction (group commit).
+
+        Returns one outcome per item: Settled for a stored or duplicate batch,
+        Rejected for a refused one (including a batch whose sequence went back
+        into a hole it never filled). Memory changes only after COMMIT succeeded.
+        """
+        outcomes: list[Settled | Rejected] = []
+        samples: list[tuple[object, ...]] = []
+        others: list[tuple[object, ...]] = []
+        batch_rows: list[tuple[object, ...]] = []
+        gaps: list[tuple[int, int, int, int]] = []
+        refused: list[Rejected] = []
+        settled_now: set[tuple[str, int]] = set()
+        # agent_id -> (new last_seq, last_seen_ms, clock skew ms)
+        seen: dict[str, tuple[int, int, int]] = {}
+        for item in items:
+            state = self._agents.get(item.agent_id)
+            if state is None:
+                if isinstance(item, ValidBatch):
+                    raise StoreError(f"agent {item.agent_id} sent a batch before its hello")
+                refused.append(item)
+                outcomes.append(item)
+                continue
+            last = seen[item.agent_id][0] if item.agent_id in seen else state.last_seq
+            seq = item.seq
+            if isinstance(item, Rejected):
+                refused.append(item)
+                outcomes.append(item)
+                if item.code == "INVALID_ARGUMENT" and seq > last:
+                    # An invalid batch is settled too: the agent drops it from its spool,
+                    # and the sequence moves on instead of looking like a hole.
+                    if seq > last + 1:
+                        gaps.append((state.key, last + 1, seq - 1, item.received_ms))
+                    batch_rows.append((state.key, seq, 0, item.received_ms, 0, "rejected"))
+                    settled_now.add((item.agent_id, seq))
+                    skew = seen[item.agent_id][2] if item.agent_id in seen else 0
+                    seen[item.agent_id] = (seq, item.received_ms, skew)
+                continue
+            if seq <= last:
+                if (item.agent_id, seq) in settled_now or self._has_batch(state.key, seq):
+                    outcomes.append(Settled(last, True, 0, 0))
+                else:
+                    reject = Rejected(
+                        item.agent_id,
+                        seq,
+                        item.received_ms,
+                        "FAILED_PRECONDITION",
+                        "batch.seq",
+                        f"sequence {seq} is at or below the highest settled sequence {last} but was never "
+                        "stored: the agent's sequence went backwards (restored state or cloned host?)",
+                        "",
+                    )
+                    refused.append(reject)
+                    outcomes.append(reject)
+                continue
+            gap_from, gap_to = (last + 1, seq - 1) if seq > last + 1 else (0, 0)
+            if gap_from:
+                gaps.append((state.key, gap_from, gap_to, item.received_ms))
+            key = state.key
+            batch_rows.append((key, seq, item.sent_ms, item.received_ms, item.fact_count, "stored"))
+            samples.extend([(key, seq, *row) for row in item.interface_rows])
+            others.extend([(key, seq, *row) for row in item.other_rows])
+            settled_now.add((item.agent_id, seq))
+            seen[item.agent_id] = (seq, item.received_ms, item.sent_ms - item.received_ms)
+            outcomes.append(Settled(seq, False, gap_from, gap_to))
+        try:
+            with self._transaction():
+                db = self._db
+                if batch_rows:
+                    db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)", batch_rows)
+                if samples:
+                    db.executemany(_INSERT_SAMPLES, samples)
+                if others:
+                    db.executemany("INSERT INTO other_facts VALUES (?, ?, ?, ?, ?)", others)
+                if gaps:
+                    db.executemany("INSERT INTO sequence_gaps VALUES (?, ?, ?, ?)", gaps)
+                if refused:
+                    db.executemany(
+                        "INSERT INTO rejections (agent_id, seq, received_ms, code, field, message, peer) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        refused,
+                    )
+                if seen:
+                    db.executemany(
+                        "UPDATE agents SET last_seq = ?, last_seen_ms = ?, clock_skew_ms = ? "
+                        "WHERE agent_id = ?",
+                        [(s, t, k, a) for a, (s, t, k) in seen.items()],
+                    )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot store {len(items)} batches: {exc}") from exc
+        for agent_id, (seq, _, _) in seen.items():
+            self._agents[agent_id].last_seq = seq
+        return outcomes
+
+    def _has_batch(self, key: int, seq: int) -> bool:
+        row = self._db.execute("SELECT 1 FROM batches WHERE agent = ? AND seq = ?", (key, seq)).fetchone()
+        return row is not None
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        elif self._db.in_transaction:
+            self._db.execute("ROLLBACK")

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Quick start: install into .venv, start a collector on 127.0.0.1 with its embedded SQLite
+# database, start an agent on this host reporting to it, and show the fleet view until Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+port=${ZONEWATCH_PORT:-7390}
+state=${ZONEWATCH_STATE:-.zonewatch}
+echo "installing zonewatch into .venv ..."
+bash deploy/setup-venv.sh
+mkdir -p "$state"
+.venv/bin/zonewatch-collector serve --db "$state/collector.db" --listen "127.0.0.1:$port" \
+    --sample-interval 2 2>>"$state/collector.log" &
+collector=$!
+cleanup() {
+    kill "$agent" "$collector" 2>/dev/null || true
+    wait "$agent" "$collector" 2>/dev/null || true
+    echo "stopped; data kept in $state/ (collector.db, agent/spool.db, *.log)"
+}
+agent=
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+for _ in $(seq 50); do  # wait until the collector has created its database
+    [ -s "$state/collector.db" ] && break
+    kill -0 "$collector" 2>/dev/null || { cat "$state/collector.log"; exit 1; }
+    sleep 0.2
+done
+.venv/bin/zonewatch-agent run --collector "127.0.0.1:$port" --state-dir "$state/agent" --interval 2 \
+    --department "${ZONEWATCH_DEPARTMENT:-信息中心}" --county "${ZONEWATCH_COUNTY:-市本级}" \
+    --role workstation 2>>"$state/agent.log" &
+agent=$!
+.venv/bin/zonewatch-collector watch --db "$state/collector.db" --since 1m --every 2

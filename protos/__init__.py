@@ -1,0 +1,1 @@
+"""Generated protobuf modules and their sources; see protos/regenerate.py."""

@@ -1,0 +1,279 @@
+"""Bad input at the edge: a clear status naming the field, nothing stored, and the stream lives on."""
+
+from __future__ import annotations
+
+import math
+import queue
+import sqlite3
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Collector
+
+from agent.sensors.interfaces import InterfaceSample
+from agent.wire import REPORT_METHOD, batch_request, hello_request, parse_response
+from protos.zonewatch.v1 import agent_pb2, facts_pb2
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def sample(**changes: Any) -> InterfaceSample:
+    base = InterfaceSample(
+        "eth0", 1000, 2000, 10, 20, 0, 0, 0, 0, 10_000, 800.0, 1600.0, 1_000_000_000, 1.6e-6, False
+    )
+    return base._replace(**changes)
+
+
+class Stream:
+    """A raw Report stream, one request answered by one response."""
+
+    def __init__(self, target: str, agent_id: str, hello: bytes | None = None) -> None:
+        self.agent_id = agent_id
+        self.channel = grpc.insecure_channel(target)
+        self.requests: queue.Queue[bytes | None] = queue.Queue()
+        method = self.channel.stream_stream(
+            REPORT_METHOD, request_serializer=None, response_deserializer=parse_response
+        )
+        self.responses = method(iter(self.requests.get, None), timeout=30)
+        if hello is None:
+            hello = hello_request(
+                agent_id, "host-" + agent_id, "test", {"department": "市教育局"}, "", now_ms()
+            )
+            hello = hello.SerializeToString()
+        self.welcome = self.send(hello)
+
+    def send(self, data: bytes) -> agent_pb2.ReportResponse:
+        self.requests.put(data)
+        return next(self.responses)
+
+    def batch(
+        self, seq: int, *samples: InterfaceSample, sent_ms: int | None = None
+    ) -> agent_pb2.ReportResponse:
+        t = sent_ms if sent_ms is not None else now_ms()
+        return self.send(batch_request(seq, t, t, list(samples) or [sample()]).SerializeToString())
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.channel.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
+    c = Collector(tmp_path_factory.mktemp("bad-input") / "collector.db")
+    yield c
+    c.stop()
+
+
+_counter = iter(range(1, 10_000))
+
+
+@pytest.fixture
+def stream(server: Collector) -> Iterator[Stream]:
+    s = Stream(server.target, f"agent-{next(_counter):04d}")
+    yield s
+    s.close()
+
+
+def stored(server: Collector, agent_id: str) -> tuple[int, int]:
+    con = sqlite3.connect(server.db)
+    try:
+        (batches,) = con.execute(
+            "SELECT count(*) FROM batches JOIN agents ON agents.id = batches.agent "
+            "WHERE agent_id = ? AND status = 'stored'",
+            (agent_id,),
+        ).fetchone()
+        (samples,) = con.execute(
+            "SELECT count(*) FROM interface_samples JOIN agents ON agents.id = interface_samples.agent "
+            "WHERE agent_id = ?",
+            (agent_id,),
+        ).fetchone()
+        return batches, samples
+    finally:
+        con.close()
+
+
+BAD_SAMPLES = {
+    "nan-rate": (sample(rx_bps=math.nan), "rx_bps"),
+    "infinite-rate": (sample(tx_bps=math.inf), "tx_bps"),
+    "negative-rate": (sample(tx_bps=-1.0), "tx_bps"),
+    "counter-beyond-int64": (sample(rx_bytes=2**63), "rx_bytes"),
+    "zero-interval": (sample(interval_ms=0), "interval_ms"),
+    "interval-over-a-day": (sample(interval_ms=86_400_001), "interval_ms"),
+    "empty-interface": (sample(interface=""), "interface"),
+    "long-interface": (sample(interface="x" * 65), "interface"),
+    "control-chars": (sample(interface="eth0\x1b[31m"), "interface"),
+    "nan-utilization": (sample(utilization=math.nan), "utilization"),
+    "absurd-utilization": (sample(utilization=5000.0), "utilization"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_invalid_sample_is_rejected_naming_the_field_and_stream_continues(
+    server: Collector, stream: Stream, case: str
+) -> None:
+    bad, field = BAD_SAMPLES[case]
+    reply = stream.batch(1, sample(), bad)
+    assert reply.WhichOneof("body") == "rejection"
+    assert reply.rejection.code == INVALID
+    assert reply.rejection.seq == 1
+    assert reply.rejection.field == f"batch.facts[1].interface_sample.{field}"
+    assert field in reply.rejection.message or reply.rejection.message
+
+    ok = stream.batch(2)
+    assert ok.WhichOneof("body") == "ack" and ok.ack.acked_seq == 2
+    assert stored(server, stream.agent_id) == (1, 1), "only the valid batch may be stored"
+    con = sqlite3.connect(server.db)
+    recorded = con.execute(
+        "SELECT seq, code, field FROM rejections WHERE agent_id = ?", (stream.agent_id,)
+    ).fetchall()
+    con.close()
+    assert recorded == [(1, "INVALID_ARGUMENT", reply.rejection.field)]
+
+
+@pytest.mark.parametrize(
+    ("case", "field"),
+    [
+        ("time-before-2000", "batch.facts[0].time_ms"),
+        ("time-a-week-ahead", "batch.facts[0].time_ms"),
+        ("sent-before-2000", "batch.sent_ms"),
+        ("no-kind", "batch.facts[0]"),
+        ("seq-zero", "batch.seq"),
+        ("too-many-facts", "batch.facts"),
+    ],
+)
+def test_invalid_batch_fields(stream: Stream, case: str, field: str) -> None:
+    t = now_ms()
+    msg = batch_request(1, t, t, [sample()])
+    if case == "time-before-2000":
+        msg.batch.facts[0].time_ms = 1000
+    elif case == "time-a-week-ahead":
+        msg.batch.facts[0].time_ms = t + 7 * 86_400_000
+    elif case == "sent-before-2000":
+        msg.batch.sent_ms = 5
+    elif case == "no-kind":
+        msg.batch.facts[0].ClearField("interface_sample")
+    elif case == "seq-zero":
+        msg.batch.seq = 0
+    elif case == "too-many-facts":
+        msg = batch_request(1, t, t, [sample()] * 20_001)
+    reply = stream.send(msg.SerializeToString())
+    assert reply.WhichOneof("body") == "rejection", reply
+    assert reply.rejection.code == INVALID
+    assert reply.rejection.field == field
+    assert stream.batch(2).ack.acked_seq == 2
+
+
+def test_invalid_utf8_is_rejected_in_band(stream: Stream) -> None:
+    good = batch_request(1, now_ms(), now_ms(), [sample(interface="eth0")]).SerializeToString()
+    # Replace the interface name's bytes with an invalid UTF-8 sequence of the same length.
+    broken = good.replace(b"eth0", b"\xff\xfe\xfd\xfc", 1)
+    reply = stream.send(broken)
+    assert reply.WhichOneof("body") == "rejection"
+    assert reply.rejection.code == INVALID
+    assert "ReportRequest" in reply.rejection.message
+    assert stream.batch(1).ack.acked_seq == 1
+
+
+def test_out_of_order_sequence_on_a_stream(stream: Stream) -> None:
+    assert stream.batch(5).ack.acked_seq == 5
+    reply = stream.batch(3)
+    assert reply.WhichOneof("body") == "rejection"
+    assert reply.rejection.code == PRECONDITION
+    assert "not greater than 5" in reply.rejection.message
+    assert stream.batch(6).ack.acked_seq == 6
+
+
+def test_replayed_batch_is_stored_once(server: Collector) -> None:
+    first = Stream(server.target, "replayer-01")
+    assert first.batch(1).ack.acked_seq == 1
+    assert first.batch(2).ack.acked_seq == 2
+    first.close()
+    again = Stream(server.target, "replayer-01")
+    assert again.welcome.welcome.acked_seq == 2
+    reply = again.batch(1)
+    assert reply.ack.duplicate and reply.ack.acked_seq == 2
+    reply = again.batch(2)
+    assert reply.ack.duplicate
+    assert again.batch(3).ack.acked_seq == 3
+    again.close()
+    assert stored(server, "replayer-01") == (3, 3)
+
+
+def test_clock_skew_is_flagged_and_receive_time_kept(server: Collector) -> None:
+    s = Stream(server.target, "skewed-01")
+    ahead = now_ms() + 10 * 60_000
+    assert s.batch(1, sent_ms=ahead).ack.acked_seq == 1
+    s.close()
+    con = sqlite3.connect(server.db)
+    (skew,) = con.execute("SELECT clock_skew_ms FROM agents WHERE agent_id = 'skewed-01'").fetchone()
+    (sent, received) = con.execute(
+        "SELECT sent_ms, received_ms FROM batches JOIN agents ON agents.id = batches.agent "
+        "WHERE agent_id = 'skewed-01'"
+    ).fetchone()
+    con.close()
+    assert 9 * 60_000 < skew < 11 * 60_000
+    assert sent - received == skew
+
+
+def test_first_message_must_be_hello(server: Collector) -> None:
+    t = now_ms()
+    with pytest.raises(grpc.RpcError) as info:
+        Stream(server.target, "x", hello=batch_request(1, t, t, [sample()]).SerializeToString())
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(
+    ("agent_id", "hostname", "message"),
+    [
+        ("", "h", "agent_id"),
+        ("has space", "h", "agent_id"),
+        ("ok-id", "", "hostname"),
+        ("ok-id", "h" * 300, "hostname"),
+    ],
+)
+def test_invalid_hello_is_refused(server: Collector, agent_id: str, hostname: str, message: str) -> None:
+    hello = hello_request(agent_id, hostname, "t", {}, "", now_ms()).SerializeToString()
+    with pytest.raises(grpc.RpcError) as info:
+        Stream(server.target, agent_id, hello=hello)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (info.value.details() or "")
+
+
+def test_oversized_message_is_refused_with_resource_exhausted(server: Collector) -> None:
+    s = Stream(server.target, "big-01")
+    t = now_ms()
+    huge = batch_request(1, t, t, [sample()])
+    huge.batch.facts.append(
+        facts_pb2.Fact(time_ms=t, zone_traffic=facts_pb2.ZoneTraffic(zone="z" * 4_200_000))
+    )
+    data = huge.SerializeToString()
+    assert len(data) > 4 * 1024 * 1024
+    with pytest.raises(grpc.RpcError) as info:
+        s.send(data)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    s.close()
+    # The collector is unharmed.
+    assert Stream(server.target, "big-02").batch(1).ack.acked_seq == 1
+
+
+def test_fact_of_a_newer_kind_is_kept_verbatim(server: Collector) -> None:
+    """A newer agent's fact kind (unknown to this collector) is stored as-is, not refused."""
+    s = Stream(server.target, "newer-01")
+    t = now_ms()
+    fact = facts_pb2.Fact(time_ms=t).SerializeToString() + bytes([0xA0, 0x06, 0x01])  # field 100 = 1
+    msg = batch_request(1, t, t, [sample()])
+    msg.batch.facts.add().MergeFromString(fact)
+    assert s.send(msg.SerializeToString()).ack.acked_seq == 1
+    s.close()
+    con = sqlite3.connect(server.db)
+    rows = con.execute("SELECT kind, length(payload) FROM other_facts").fetchall()
+    con.close()
+    assert ("unknown", len(fact)) in rows

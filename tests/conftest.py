@@ -1,0 +1,155 @@
+"""Shared fixtures: real collectors and agents as subprocesses, talking over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"collector listening on [\d.]+:(\d+)")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Process:
+    """A zonewatch program in a subprocess; its stderr is collected for failure messages."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT
+        )
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout: float = 20.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                for line in self.lines:
+                    if m := pattern.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"{pattern.pattern!r} not seen from {self.args}:\n" + self.log())
+                self._seen.wait(min(left, 0.2))
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"{self.args} did not stop on signal {sig}:\n{self.log()}") from None
+
+
+class Collector(Process):
+    def __init__(self, db: Path, port: int = 0, *extra: str) -> None:
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "collector.cli",
+                "serve",
+                "--db",
+                str(db),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--sample-interval",
+                "1",
+                "--interface",
+                "lo",
+                *extra,
+            ]
+        )
+        self.db = db
+        self.port = int(self.wait_for_line(LISTENING).group(1))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def run_cli(program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    module = {"zonewatch-collector": "collector.cli", "zonewatch-agent": "agent.cli"}[program]
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{program} {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def cli_json(program: str, *args: str) -> list[dict[str, object]]:
+    return json.loads(run_cli(program, *args, "--format", "json").stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    c = Collector(tmp_path / "collector.db")
+    yield c
+    c.stop()
+
+
+def start_agent(collector_target: str, state_dir: Path, *extra: str) -> Process:
+    return Process(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--collector",
+            collector_target,
+            "--state-dir",
+            str(state_dir),
+            "--interval",
+            "1",
+            "--interface",
+            "lo",
+            "--department",
+            "市公安局",
+            "--county",
+            "高新区",
+            "--site",
+            "主机房",
+            "--role",
+            "server",
+            "--hostname",
+            "web-01",
+            *extra,
+        ]
+    )

@@ -1,0 +1,136 @@
+"""Both command lines: every command documented, every error one readable line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from agent.cli import build_parser as agent_parser
+from collector.cli import build_parser as collector_parser
+from collector.store import open_database
+
+
+def subcommands(parser) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    (action,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize(
+    ("program", "parser"), [("zonewatch-agent", agent_parser), ("zonewatch-collector", collector_parser)]
+)
+def test_every_command_has_help_and_description(program: str, parser) -> None:  # type: ignore[no-untyped-def]
+    commands = subcommands(parser())
+    assert commands
+    for name, sub in commands.items():
+        assert sub.description, f"{program} {name} has no description"
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{program} {name} {action.option_strings} has no help text"
+        result = run_cli(program, name, "--help")
+        assert "usage:" in result.stdout
+
+
+def test_commands_are_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for program, parser in (("zonewatch-agent", agent_parser), ("zonewatch-collector", collector_parser)):
+        for name in subcommands(parser()):
+            assert f"{program} {name}" in readme, f"README does not mention `{program} {name}`"
+
+
+def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_missing_database(tmp_path: Path) -> None:
+    result = run_cli("zonewatch-collector", "agents", "--db", str(tmp_path / "nope.db"), check=False)
+    assert "no database at" in one_line_error(result)
+    assert not (tmp_path / "nope.db").exists(), "a query must not create a database"
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    result = run_cli("zonewatch-collector", "bandwidth", "--db", str(junk), check=False)
+    assert "junk.db" in one_line_error(result)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "c.db"
+    open_database(path).close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--agent", "no-such-host"], "unknown agent"),
+        (["--since", "yesterday-ish"], "malformed time"),
+        (["--since", "1h", "--until", "2h"], "since"),
+        (["--top", "0"], "top"),
+    ],
+)
+def test_bandwidth_bad_input(db: Path, args: list[str], expected: str) -> None:
+    result = run_cli("zonewatch-collector", "bandwidth", "--db", str(db), *args, check=False)
+    assert expected in one_line_error(result)
+
+
+def test_empty_database_queries(db: Path) -> None:
+    assert (
+        json.loads(run_cli("zonewatch-collector", "agents", "--db", str(db), "--format", "json").stdout) == []
+    )
+    out = run_cli("zonewatch-collector", "bandwidth", "--db", str(db), "--format", "csv").stdout
+    assert out.splitlines()[0].startswith("hostname,")
+
+
+def test_serve_refuses_a_bad_listen_address(tmp_path: Path) -> None:
+    result = run_cli(
+        "zonewatch-collector", "serve", "--db", str(tmp_path / "c.db"), "--listen", "256.1.1.1:1", check=False
+    )
+    assert "cannot listen" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2
+
+
+def test_agent_once_json_prints_what_would_be_sent() -> None:
+    result = run_cli(
+        "zonewatch-agent",
+        "once",
+        "--json",
+        "--interface",
+        "lo",
+        "--interval",
+        "0.2",
+        "--department",
+        "市财政局",
+    )
+    report = json.loads(result.stdout)
+    assert report["hello"]["labels"]["department"] == "市财政局"
+    facts = report["batch"]["facts"]
+    assert [f["interface_sample"]["interface"] for f in facts] == ["lo"]
+    assert int(facts[0]["interface_sample"]["interval_ms"]) >= 150
+
+
+def test_agent_bad_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('colector = "x:1"\n', encoding="utf-8")
+    result = run_cli("zonewatch-agent", "once", "--config", str(config), check=False)
+    assert "colector" in one_line_error(result)
+
+
+def test_agent_status_without_state(tmp_path: Path) -> None:
+    result = run_cli("zonewatch-agent", "status", "--state-dir", str(tmp_path / "none"), check=False)
+    assert "no agent state" in one_line_error(result)
+
+
+def test_database_is_wal(db: Path) -> None:
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    con.close()
