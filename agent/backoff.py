@@ -21,6 +21,8 @@ class Backoff:
     ) -> None:
         if not 0 < initial_s <= maximum_s:
             raise ValueError("backoff needs 0 < initial_s <= maximum_s")
+        if multiplier < 1:
+            raise ValueError(f"backoff multiplier must be >= 1 (delays must not shrink), got {multiplier}")
         self._initial = initial_s
         self._maximum = maximum_s
         self._multiplier = multiplier

@@ -72,9 +72,22 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     config = replace(config, **values)
     if not config.interval_s > 0:
         raise ConfigError(f"interval must be > 0 seconds, got {config.interval_s}")
-    if ":" not in config.collector:
-        raise ConfigError(f"collector must be HOST:PORT, got {config.collector!r}")
+    check_address(config.collector)
     return config
+
+
+def check_address(target: str) -> None:
+    """HOST:PORT or [IPv6]:PORT with a port in 1..65535: gRPC would quietly default a missing port to 443."""
+    host, sep, port = target.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or (":" in host and not bracketed)
+    ):
+        raise ConfigError(f"collector must be HOST:PORT or [IPv6]:PORT, got {target!r}")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -101,12 +114,15 @@ def _read_file(path: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: unknown key {key!r} (known: {', '.join(sorted(_FILE_KEYS))}, [labels])"
             )
-        if not isinstance(value, expected):  # type: ignore[arg-type]
+        # bool is an int to Python, never a number or a name to an admin.
+        if not isinstance(value, expected) or isinstance(value, bool):  # type: ignore[arg-type]
             raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+        if key == "interfaces" and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: interfaces must be a list of interface names (strings)")
         if key == "interval":
             values["interval_s"] = float(value)
         elif key == "interfaces":
-            values["interfaces"] = tuple(str(v) for v in value)
+            values["interfaces"] = tuple(value)
         elif key == "state_dir":
             values["state_dir"] = Path(value)
         elif key == "spool_max_mb":

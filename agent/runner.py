@@ -119,6 +119,7 @@ class Agent:
                 update = await self.transport.get_policy(self.policy_version, self.agent_id)
                 if update is not None:
                     self.apply_policy(update)
+                    continue  # ask again at once: that confirms to the collector what we now run
             except TransportError as exc:
                 log.debug("policy not refreshed: %s", exc)
             with contextlib.suppress(TimeoutError):

@@ -228,6 +228,34 @@ class Spool:
             db.execute("UPDATE meta SET next_seq = ?, stored_bytes = ?", (seq + 1, stored + size))
         return int(seq)
 
+    def renumber_from(self, first_seq: int, patch: Callable[[bytes, int], bytes]) -> int:
+        """Move every stored batch, in order, to sequence numbers from ``first_seq`` on.
+
+        For a spool that lost its history (file deleted or restored from an old copy) while the
+        collector kept the agent's record: numbers it would reuse are ones the collector already
+        settled, and batches under them would be taken for replays. ``patch(payload, seq)`` returns
+        the payload carrying its new number. Returns how many batches moved.
+        """
+        with self._connection("renumber") as db, _transaction(db):
+            (next_seq,) = db.execute("SELECT next_seq FROM meta").fetchone()
+            if first_seq < next_seq:
+                raise SpoolError(
+                    f"cannot renumber spool {self.path} from {first_seq}: "
+                    f"numbers up to {next_seq - 1} are used"
+                )
+            rows = db.execute("SELECT seq, payload FROM batches ORDER BY seq").fetchall()
+            # New numbers are all above the old ones, so moving in descending order never collides.
+            moves = [(old, first_seq + i, payload) for i, (old, payload) in enumerate(rows)]
+            for old, new, payload in reversed(moves):
+                patched = patch(payload, new)
+                db.execute(
+                    "UPDATE batches SET seq = ?, payload = ?, bytes = ? WHERE seq = ?",
+                    (new, patched, len(patched), old),
+                )
+            (stored,) = db.execute("SELECT coalesce(sum(bytes), 0) FROM batches").fetchone()
+            db.execute("UPDATE meta SET next_seq = ?, stored_bytes = ?", (first_seq + len(rows), stored))
+        return len(rows)
+
     def _evict(self, db: sqlite3.Connection, needed: int) -> int:
         """Delete the oldest batches until at least ``needed`` bytes are free; record them as dropped."""
         freed = batches = facts = 0

@@ -23,7 +23,7 @@ import grpc
 from agent.backoff import Backoff
 from agent.errors import TransportError
 from agent.spool import Spool
-from agent.wire import POLICY_METHOD, REPORT_METHOD, parse_response
+from agent.wire import POLICY_METHOD, REPORT_METHOD, parse_response, renumber_payload
 from protos.zonewatch.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,12 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    # We do our own reconnect with jitter; keep grpc's own retry from hiding failures.
+    # We do our own reconnect with jitter; keep grpc's own retry from hiding failures,
+    # and its connection backoff (up to 120 s by default) from outlasting ours.
     ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
 
 
@@ -49,7 +53,8 @@ class PolicyUpdate(NamedTuple):
 class TransportStats:
     def __init__(self) -> None:
         self.connected = False
-        self.sessions = 0
+        self.attempts = 0  # streams opened, welcomed or not
+        self.sessions = 0  # streams the collector welcomed
         self.acked_seq = 0
         self.rejected = 0
         self.last_error = ""
@@ -108,6 +113,10 @@ class Transport:
                 self.stats.last_error = f"{exc.code().name}: {exc.details()}"
             except TransportError as exc:
                 self.stats.last_error = str(exc)
+            except Exception as exc:
+                # Whatever ended the stream (a write racing the collector's close raises
+                # InvalidStateError, a full disk SpoolError), delivery must go on.
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
             self.stats.connected = False
             delay = self._backoff.next_delay()
             log.warning("collector %s: %s; retrying in %.1f s", self._target, self.stats.last_error, delay)
@@ -115,6 +124,7 @@ class Transport:
                 await asyncio.wait_for(stop.wait(), delay)
 
     async def _session(self, stop: asyncio.Event) -> None:
+        self.stats.attempts += 1
         channel = self._open_channel()
         call = channel.stream_stream(
             REPORT_METHOD, request_serializer=None, response_deserializer=parse_response
@@ -127,6 +137,18 @@ class Transport:
             if first.WhichOneof("body") != "welcome":
                 raise TransportError(f"expected a welcome, got {first.WhichOneof('body')}")
             acked = first.welcome.acked_seq
+            next_seq = self._spool.stats().next_seq
+            if acked >= next_seq:
+                # The collector settled numbers this spool never handed out: the spool lost its
+                # history. Reusing those numbers would make new batches look like replays.
+                moved = self._spool.renumber_from(acked + 1, renumber_payload)
+                log.warning(
+                    "spool restarted at %d but the collector holds up to %d: renumbered %d batches from %d",
+                    next_seq,
+                    acked,
+                    moved,
+                    acked + 1,
+                )
             self._spool.acknowledge(acked)
             self.stats.connected = True
             self.stats.sessions += 1
@@ -134,14 +156,18 @@ class Transport:
             inflight: dict[int, float] = {}
             sender = asyncio.create_task(self._send(call, acked, inflight, stop))
             receiver = asyncio.create_task(self._receive(call, inflight))
-            done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, TransportError):
-                    await task
-            for task in done:
-                task.result()  # re-raise what ended the session
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done() and not sender.cancelled() and sender.exception() is None:
+                receiver.cancel()  # asked to stop: whatever the receiver would say next is not an error
+            else:
+                sender.cancel()
+            await asyncio.wait({sender, receiver})
+            errors = [e for t in (sender, receiver) if not t.cancelled() and (e := t.exception()) is not None]
+            if errors:
+                # The collector's status says most; then our own diagnosis; then anything else.
+                errors.sort(key=lambda e: 0 if isinstance(e, grpc.aio.AioRpcError) else
+                            1 if isinstance(e, TransportError) else 2)  # fmt: skip
+                raise errors[0]
         finally:
             call.cancel()
 

@@ -59,6 +59,13 @@ def batch_request(
     return agent_pb2.ReportRequest(batch=agent_pb2.Batch(seq=seq, sent_ms=sent_ms, facts=facts))
 
 
+def renumber_payload(payload: bytes, seq: int) -> bytes:
+    """A spooled batch request carrying sequence number ``seq`` instead of its own."""
+    request = agent_pb2.ReportRequest.FromString(payload)
+    request.batch.seq = seq
+    return request.SerializeToString()
+
+
 def to_json(message: Any) -> str:
     """The message as the proto3 JSON mapping, every field shown, names as in the .proto."""
     as_dict = json_format.MessageToDict(

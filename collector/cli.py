@@ -16,7 +16,7 @@ from typing import Any
 
 from collector import __version__
 from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig
-from collector.errors import CollectorError, QueryError
+from collector.errors import CollectorError
 from collector.policy import AgentPolicy
 
 FORMATS = ("table", "json", "csv")
@@ -208,11 +208,13 @@ def _bandwidth_rows(db: Any, args: argparse.Namespace, since: str, until: str) -
     since_ms, until_ms = parse_time(since, now), parse_time(until, now)
     check_range(since_ms, until_ms)
     agent = resolve_agent(db, args.agent) if getattr(args, "agent", None) else None
-    top = getattr(args, "top", None)
-    if top is not None and top < 1:
-        raise QueryError(f"--top must be at least 1, got {top}")
     return bandwidth(
-        db, since_ms=since_ms, until_ms=until_ms, agent=agent, interface=getattr(args, "iface", None), top=top
+        db,
+        since_ms=since_ms,
+        until_ms=until_ms,
+        agent=agent,
+        interface=getattr(args, "iface", None),
+        top=getattr(args, "top", None),
     )
 
 

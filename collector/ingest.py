@@ -1,24 +1,32 @@
 """Group commit: many streams' batches share one durable transaction.
 
-Streams hand validated batches to `submit` and await the outcome; one writer
-task drains everything queued, commits it in a single transaction on a
-dedicated thread (so the event loop keeps receiving while fsync runs), and only
-then resolves the futures — an ack never precedes the COMMIT that makes it true.
+Streams hand validated batches to `submit` and await the outcome. One task
+drains everything queued into a group and sends it to the writer process
+(store/process.py), which commits it in a single transaction; only its reply
+resolves the futures, so an ack never precedes the COMMIT that makes it true.
+
+Two groups are in flight at once: while the child commits one (and waits for
+fsync), the next is already encoded and on its way, so neither process waits
+for the other. Sending and receiving each have their own thread, which spends
+its life blocked on the pipe rather than holding the GIL. Replies come back in
+request order; `_replies` pairs them with their futures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
 from collector.model import AgentHello, Settled, ValidBatch
-from collector.store import open_database
-from collector.store.writer import Rejected, Writer
+from collector.store.process import WriterProcess
+from collector.store.writer import Rejected
+
+GROUPS_IN_FLIGHT = 2
 
 
 class _Pending(NamedTuple):
@@ -37,29 +45,47 @@ class Ingest:
     def __init__(self, db_path: str | Path, *, max_group_facts: int = 100_000) -> None:
         self._db_path = Path(db_path)
         self._max_group_facts = max_group_facts
-        # One thread: the writer and its SQLite connection are used from it only.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zonewatch-writer")
+        self._send_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zonewatch-send")
+        self._receive_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zonewatch-receive")
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._db: sqlite3.Connection | None = None
-        self._writer: Writer | None = None
+        self._replies: deque[asyncio.Future[Any]] = deque()
+        self._in_flight = asyncio.Semaphore(GROUPS_IN_FLIGHT)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: WriterProcess | None = None
         self._failure: CollectorError | None = None
         self.batches = self.facts = self.commits = self.rejected = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._db, self._writer = await loop.run_in_executor(self._executor, self._open)
-        self._task = asyncio.create_task(self._run(), name="zonewatch-group-commit")
+        self._writer = await loop.run_in_executor(self._send_thread, WriterProcess, self._db_path)
+        self._tasks = [
+            asyncio.create_task(self._receive_replies(), name="zonewatch-writer-replies"),
+            asyncio.create_task(self._group_commit(), name="zonewatch-group-commit"),
+        ]
 
-    def _open(self) -> tuple[sqlite3.Connection, Writer]:
-        db = open_database(self._db_path)
-        return db, Writer(db)
+    async def _call(self, request: tuple[Any, ...], *, after_failure: bool = False) -> Any:
+        """Send one request to the writer; the reply's value (or its StoreError)."""
+        if self._failure is not None and not after_failure:
+            raise self._failure
+        writer = self._require_writer()
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        # Appended and submitted in the same step: the send thread keeps submission
+        # order, so _replies stays in the order the child answers in.
+        self._replies.append(reply)
+        sent = loop.run_in_executor(self._send_thread, writer.send, request)
+        try:
+            await sent
+        except StoreError as exc:
+            self._fail(exc)
+            raise
+        return await reply
 
     async def register(self, hello: AgentHello, now_ms: int) -> int:
-        writer = self._require_writer()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, writer.register, hello, now_ms
-        )
+        return int(await self._call(WriterProcess.register_request(hello, now_ms)))
+
+    async def note_policy_version(self, agent_id: str, version: str) -> bool:
+        return bool(await self._call(WriterProcess.policy_request(agent_id, version)))
 
     def submit(self, item: ValidBatch | Rejected) -> asyncio.Future[Settled | Rejected]:
         """Queue a batch (or a rejection to record); the future resolves after COMMIT."""
@@ -74,28 +100,64 @@ class Ingest:
 
     async def close(self) -> None:
         """Commit everything already queued, then close the database."""
-        if self._task is not None:
+        if self._tasks:
+            group_commit = self._tasks[1]
             self._queue.put_nowait(None)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._db is not None:
-            db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
-        self._executor.shutdown(wait=True)
+                await group_commit
+            for _ in range(GROUPS_IN_FLIGHT):  # every reply is in
+                await self._in_flight.acquire()
+        loop = asyncio.get_running_loop()
+        if self._writer is not None:
+            # The close request goes through the pipeline like any other: only the
+            # receive thread ever reads the pipe.
+            with contextlib.suppress(CollectorError):
+                await self._call(WriterProcess.CLOSE_REQUEST, after_failure=True)
+            writer, self._writer = self._writer, None
+            await loop.run_in_executor(self._send_thread, writer.join)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self._send_thread.shutdown(wait=True)
+        self._receive_thread.shutdown(wait=True)
 
-    def _require_writer(self) -> Writer:
+    def _require_writer(self) -> WriterProcess:
         if self._writer is None:
             raise CollectorError("ingest is not started")
         return self._writer
 
-    async def _run(self) -> None:
+    async def _receive_replies(self) -> None:
         loop = asyncio.get_running_loop()
         writer = self._require_writer()
+        while True:
+            try:
+                value = await loop.run_in_executor(self._receive_thread, writer.receive)
+                outcome: BaseException | None = None
+            except StoreError as exc:
+                if not self._replies:
+                    return  # the child closed after the last reply: normal shutdown
+                value, outcome = None, exc
+            if not self._replies:
+                continue
+            reply = self._replies.popleft()
+            if reply.done():
+                continue
+            if outcome is None:
+                reply.set_result(value)
+            else:
+                reply.set_exception(outcome)
+
+    async def _group_commit(self) -> None:
         stopping = False
         while not stopping:
+            # A slot first, then the group: whatever queued while both slots were busy
+            # goes out as one big group instead of a trickle of small ones.
+            await self._in_flight.acquire()
             first = await self._queue.get()
             if first is None:
+                self._in_flight.release()
                 break
             group = [first]
             facts = _facts(first.item)
@@ -106,27 +168,37 @@ class Ingest:
                     break
                 group.append(nxt)
                 facts += _facts(nxt.item)
-            try:
-                outcomes = await loop.run_in_executor(self._executor, writer.commit, [p.item for p in group])
-            except StoreError as exc:
-                # Nothing of this group is acknowledged; agents keep it in their spool.
-                self._failure = exc
-                for pending in group:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                self._fail_queued(exc)
-                return
-            self.commits += 1
-            for pending, outcome in zip(group, outcomes, strict=True):
-                if isinstance(outcome, Rejected):
-                    self.rejected += 1
-                elif not outcome.duplicate:
-                    self.batches += 1
-                    self.facts += _facts(pending.item)
-                if not pending.future.done():
-                    pending.future.set_result(outcome)
+            request = WriterProcess.commit_request([p.item for p in group])
+            reply = asyncio.ensure_future(self._call(request))
+            reply.add_done_callback(lambda done, group=group: self._settle(group, done))  # type: ignore[misc]
 
-    def _fail_queued(self, exc: CollectorError) -> None:
+    def _settle(self, group: list[_Pending], reply: asyncio.Future[Any]) -> None:
+        self._in_flight.release()
+        if reply.cancelled():
+            return
+        exc = reply.exception()
+        if exc is not None:
+            # Nothing of this group is acknowledged; agents keep it in their spool. A
+            # storage failure is not retried here: the collector refuses further
+            # batches until an operator restarts it (disk full, file damaged).
+            failure = exc if isinstance(exc, CollectorError) else StoreError(str(exc))
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(failure)
+            self._fail(failure)
+            return
+        self.commits += 1
+        for pending, outcome in zip(group, WriterProcess.commit_result(reply.result()), strict=True):
+            if isinstance(outcome, Rejected):
+                self.rejected += 1
+            elif not outcome.duplicate:
+                self.batches += 1
+                self.facts += _facts(pending.item)
+            if not pending.future.done():
+                pending.future.set_result(outcome)
+
+    def _fail(self, exc: CollectorError) -> None:
+        self._failure = exc
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if pending is not None and not pending.future.done():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class HostLabels(NamedTuple):
@@ -22,26 +23,22 @@ class AgentHello(NamedTuple):
     time_ms: int
 
 
-# One row of interface_samples, in column order (see store/schema.py). A plain
-# tuple on the hot path: built by operator.attrgetter in C, bound by executemany.
-InterfaceRow = tuple[
-    int,  # time_ms
-    str,  # interface
-    int,
-    int,
-    int,
-    int,
-    int,
-    int,
-    int,
-    int,  # rx/tx bytes, packets, errors, drops
-    int,  # interval_ms
-    float,
-    float,  # rx_bps, tx_bps
-    int,  # speed_bps
-    float,  # utilization (negative: unknown)
-    bool,  # counter_reset
-]
+# The facts of one batch come from one reporting window: their times may span at
+# most this. Validation refuses wider batches; queries rely on it to bound their
+# index ranges on both sides (store/queries.py).
+MAX_BATCH_SPAN_MS = 3_600_000
+
+# The interface samples of one batch, column by column: time_ms, interface, the
+# eight counters (rx/tx bytes, packets, errors, drops), interval_ms, rx_bps,
+# tx_bps, speed_bps, utilization (negative: unknown), counter_reset. Columns, not
+# rows: validation checks each with one min/max in C, and the writer zips them
+# into rows in C, so the hot path has no per-sample Python loop.
+SAMPLE_COLUMNS = (
+    "time_ms", "interface",
+    "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "rx_errors", "tx_errors", "rx_drops", "tx_drops",
+    "interval_ms", "rx_bps", "tx_bps", "speed_bps", "utilization", "counter_reset",
+)  # fmt: skip
+SampleColumns = tuple[tuple[Any, ...], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +49,27 @@ class ValidBatch:
     seq: int
     sent_ms: int
     received_ms: int
-    interface_rows: list[InterfaceRow]
+    # Time range of the batch's facts (agent clock); sent_ms for an empty batch.
+    first_ms: int
+    last_ms: int
+    # len(SAMPLE_COLUMNS) columns of equal length, or () when the batch has no samples.
+    sample_columns: SampleColumns
     # Facts of kinds without a table of their own yet (and kinds newer than this
     # collector): kept verbatim as (time_ms, kind, serialized fact), never dropped.
     other_rows: list[tuple[int, str, bytes]]
 
     @property
+    def sample_count(self) -> int:
+        return len(self.sample_columns[0]) if self.sample_columns else 0
+
+    @property
     def fact_count(self) -> int:
-        return len(self.interface_rows) + len(self.other_rows)
+        return self.sample_count + len(self.other_rows)
+
+    @staticmethod
+    def columns_of(rows: Sequence[Sequence[Any]]) -> SampleColumns:
+        """Sample rows (in SAMPLE_COLUMNS order) as columns: for callers that think in rows."""
+        return tuple(zip(*rows, strict=True)) if rows else ()
 
 
 class Settled(NamedTuple):

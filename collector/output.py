@@ -27,9 +27,9 @@ FORMATS = ("table", "json", "csv")
 class Column(NamedTuple):
     """One table column: which record field, under which header, formatted how.
 
-    kind: "text", "int", "bps" (bits per second), "bytes", "time" (ms since the
-    epoch, shown in local time), "percent" (a fraction, 0.125 shows as 12.5 %)
-    or "status" (online/stale/offline, coloured).
+    kind: "text", "int", "bps" (bits per second), "speed" (bps, 0 for unknown),
+    "bytes", "time" (ms since the epoch, shown in local time), "percent" (a
+    fraction, 0.125 shows as 12.5 %) or "status" (online/stale/offline, coloured).
     """
 
     field: str
@@ -64,7 +64,7 @@ BANDWIDTH_COLUMNS: tuple[Column, ...] = (
     Column("p95_tx_bps", "tx p95", "bps"),
     Column("peak_rx_bps", "rx peak", "bps"),
     Column("peak_tx_bps", "tx peak", "bps"),
-    Column("speed_bps", "speed", "bps"),
+    Column("speed_bps", "speed", "speed"),
     Column("utilization_p95", "util p95", "percent"),
     Column("utilization_peak", "util peak", "percent"),
     Column("total_rx_bytes", "rx bytes", "bytes"),
@@ -73,6 +73,8 @@ BANDWIDTH_COLUMNS: tuple[Column, ...] = (
     Column("counter_resets", "resets", "int"),
     Column("last_ms", "last sample", "time"),
 )
+
+_EMPTY = {AGENT_COLUMNS: "no agents", BANDWIDTH_COLUMNS: "no samples in range"}
 
 
 class Record(Protocol):
@@ -90,13 +92,14 @@ def render(
     columns: Sequence[Column] | None,
     stream: TextIO,
     *,
-    empty_message: str = "no rows",
+    empty_message: str | None = None,
 ) -> None:
     """Write rows to stream as a table, a JSON array or CSV.
 
     json carries every field of each record under its field name; table and csv
     show ``columns`` (every field when None), csv with the raw values and the field
-    names as header, so a header is printed even when there are no rows.
+    names as header, so a header is printed even when there are no rows. An empty
+    table is one line: ``empty_message``, by default the one for those columns.
     """
     if fmt not in FORMATS:
         raise QueryError(f"unknown output format {fmt!r}: use table, json or csv")
@@ -110,12 +113,12 @@ def render(
         writer.writerow([column.field for column in columns])
         writer.writerows([getattr(row, column.field) for column in columns] for row in rows)
     elif not rows:
-        stream.write(empty_message + "\n")
+        stream.write((empty_message or _EMPTY.get(tuple(columns), "no rows")) + "\n")
     else:
         _print_table(rows, columns, stream)
 
 
-_NUMERIC = frozenset({"int", "bps", "bytes", "percent"})
+_NUMERIC = frozenset({"int", "bps", "speed", "bytes", "percent"})
 _STATUS_STYLE = {"online": "green", "stale": "yellow", "offline": "red"}
 
 
@@ -126,17 +129,17 @@ def _print_table(rows: Sequence[Record], columns: Sequence[Column], stream: Text
     for row in rows:
         table.add_row(*(_cell(getattr(row, column.field), column.kind) for column in columns))
     console = Console(file=stream, highlight=False)
-    if not console.is_terminal:
-        # Written to a file or a pipe: as wide as the table, never folded to 80 columns.
-        natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
-        console.width = max(console.width, natural)
+    # Always as wide as the table: squeezed to a terminal (or to 80 columns in a
+    # pipe) rich would cut figures to "1.…". A line too long wraps or scrolls (less -S).
+    natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+    console.width = max(console.width, natural)
     console.print(table)
 
 
 def _cell(value: Any, kind: str) -> Text:
     if kind == "status":
         return Text(str(value), style=_STATUS_STYLE.get(value, ""))
-    if value is None:
+    if value is None or (kind == "speed" and not value):
         return Text("-")
     formatter = _FORMATTERS.get(kind, str)
     return Text(formatter(value))
@@ -153,11 +156,11 @@ def human_bytes(count: float) -> str:
 
 
 def _scaled(value: float, base: int, units: tuple[str, ...]) -> str:
-    if abs(value) < base:
+    # Move up a unit before rounding would print "1000 bit/s" or "1000.0 kbit/s".
+    if abs(value) < base - 0.5:
         return f"{value:.0f} {units[0]}"
     for unit in units[1:]:
         value /= base
-        # 999.97 kbit/s would print as "1000.0 kbit/s": move up a unit first.
         if abs(value) < base - 0.05 or unit == units[-1]:
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
@@ -176,6 +179,7 @@ _FORMATTERS: dict[str, Callable[[Any], str]] = {
     "text": str,
     "int": lambda value: f"{value:,}",
     "bps": human_bps,
+    "speed": human_bps,
     "bytes": human_bytes,
     "time": local_time,
     "percent": percent,

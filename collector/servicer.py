@@ -59,6 +59,7 @@ class AgentService:
         self._ingest = ingest
         self._policy = policy
         self._clock_ms = clock_ms
+        self._confirmed: dict[str, str] = {}
 
     async def report(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
@@ -203,6 +204,13 @@ class AgentService:
     ) -> agent_pb2.GetPolicyResponse:
         version = self._policy.version
         if request.current_version == version:
+            # The agent confirms it runs this version: record it once, not on every poll.
+            if request.agent_id and self._confirmed.get(request.agent_id) != version:
+                try:
+                    if await self._ingest.note_policy_version(request.agent_id, version):
+                        self._confirmed[request.agent_id] = version
+                except CollectorError as exc:
+                    log.warning("cannot record policy version: %s", exc)
             return agent_pb2.GetPolicyResponse(version=version, unchanged=True)
         p = self._policy
         return agent_pb2.GetPolicyResponse(

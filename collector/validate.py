@@ -9,13 +9,14 @@ checks ranges over whole tuples instead of field by field.
 from __future__ import annotations
 
 import math
-from operator import attrgetter
+from collections.abc import Sequence
+from operator import attrgetter, methodcaller
 from typing import Any
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from collector.errors import ValidationError
-from collector.model import AgentHello, HostLabels, InterfaceRow, ValidBatch
+from collector.model import MAX_BATCH_SPAN_MS, AgentHello, HostLabels, ValidBatch
 from protos.zonewatch.v1 import agent_pb2
 
 INT64_MAX = 2**63 - 1
@@ -30,6 +31,8 @@ MAX_HOSTNAME_LEN = 253
 MAX_INTERFACE_LEN = 64
 # Utilization above 1 happens when a driver under-reports link speed; 1000x is nonsense.
 MAX_UTILIZATION = 1000.0
+# 10 Tbit/s: above any link a host has; also keeps sum() of a batch's rates finite.
+MAX_BPS = 1e13
 
 _SAMPLE_FIELDS = (
     "interface",
@@ -49,8 +52,10 @@ _SAMPLE_FIELDS = (
     "counter_reset",
 )
 _sample_tuple = attrgetter(*_SAMPLE_FIELDS)
+_sample_of = attrgetter("interface_sample")
+_time_of = attrgetter("time_ms")
+_kind_of = methodcaller("WhichOneof", "kind")
 _COUNTERS = slice(1, 10)  # rx_bytes .. interval_ms
-_RATES = slice(10, 12)
 
 
 def _text(value: str, field: str, max_len: int, *, required: bool = False) -> str:
@@ -84,7 +89,12 @@ def hello(msg: agent_pb2.Hello) -> AgentHello:
 
 
 def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
-    """Check one batch completely; nothing of an invalid batch is stored."""
+    """Check one batch completely; nothing of an invalid batch is stored.
+
+    The common case, a batch of interface samples, is checked column by column
+    with min/max/sum in C; only when a check fails does a per-fact pass find the
+    offending field to name it.
+    """
     if msg.seq == 0:
         raise ValidationError("batch.seq", "must be >= 1")
     if msg.seq > INT64_MAX:
@@ -94,33 +104,66 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
         raise ValidationError("batch.facts", f"has {len(facts)} facts, at most {MAX_FACTS_PER_BATCH} allowed")
     latest = received_ms + MAX_FUTURE_MS
     _check_time(msg.sent_ms, "batch.sent_ms", latest)
-    rows: list[InterfaceRow] = []
+    if not facts:
+        return ValidBatch(agent_id, msg.seq, msg.sent_ms, received_ms, msg.sent_ms, msg.sent_ms, (), [])
+    times = list(map(_time_of, facts))
+    first_ms, last_ms = min(times), max(times)
+    if first_ms < MIN_TIME_MS or last_ms > latest:
+        for index, value in enumerate(times):
+            _check_time(value, f"batch.facts[{index}].time_ms", latest)
+    if last_ms - first_ms > MAX_BATCH_SPAN_MS:
+        raise ValidationError(
+            "batch.facts",
+            f"fact times span {(last_ms - first_ms) / 60000:.0f} min; one batch may span at most "
+            f"{MAX_BATCH_SPAN_MS // 60000} min (send one batch per reporting window)",
+        )
+    kinds = list(map(_kind_of, facts))
     others: list[tuple[int, str, bytes]] = []
-    for index, fact in enumerate(facts):
-        time_ms = fact.time_ms
-        if not MIN_TIME_MS <= time_ms <= latest:
-            _check_time(time_ms, f"batch.facts[{index}].time_ms", latest)
-        kind = fact.WhichOneof("kind")
-        if kind == "interface_sample":
-            values: tuple[Any, ...] = _sample_tuple(fact.interface_sample)
-            if (
-                max(values[_COUNTERS]) > INT64_MAX
-                or not values[9]
-                or values[9] > MAX_INTERVAL_MS
-                or not 0.0 <= min(values[_RATES]) <= max(values[_RATES]) < math.inf
-                or not 0 < len(values[0]) <= MAX_INTERFACE_LEN
-                or not values[0].isprintable()
-                or not -1.0 <= values[13] <= MAX_UTILIZATION
-            ):
-                _explain_sample(values, f"batch.facts[{index}].interface_sample")
-            rows.append((time_ms, *values))
-        elif kind is None and not len(UnknownFieldSet(fact)):
-            raise ValidationError(f"batch.facts[{index}]", "has no fact kind set")
-        else:
+    if kinds.count("interface_sample") == len(kinds):
+        sample_facts: Sequence[Any] = facts
+        sample_times = times
+        positions: Sequence[int] = range(len(facts))
+    else:
+        positions = [i for i, kind in enumerate(kinds) if kind == "interface_sample"]
+        sample_facts = [facts[i] for i in positions]
+        sample_times = [times[i] for i in positions]
+        for index, (fact, kind) in enumerate(zip(facts, kinds, strict=True)):
+            if kind == "interface_sample":
+                continue
+            if kind is None and not len(UnknownFieldSet(fact)):
+                raise ValidationError(f"batch.facts[{index}]", "has no fact kind set")
             # Kinds without a table yet, and kinds newer than this collector
             # (an unknown oneof member arrives as unknown fields): kept verbatim.
-            others.append((time_ms, kind or "unknown", fact.SerializeToString()))
-    return ValidBatch(agent_id, msg.seq, msg.sent_ms, received_ms, rows, others)
+            others.append((times[index], kind or "unknown", fact.SerializeToString()))
+    if not sample_facts:
+        return ValidBatch(agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, (), others)
+    values = list(map(_sample_tuple, map(_sample_of, sample_facts)))
+    columns = list(zip(*values, strict=True))
+    names = columns[0]
+    counters = columns[_COUNTERS]
+    rx_bps, tx_bps, utilization = columns[10], columns[11], columns[13]
+    # sum() is NaN or inf when any value is: min/max alone would let a NaN through.
+    if not (
+        max(map(max, counters)) <= INT64_MAX
+        and min(columns[9]) >= 1
+        and max(columns[9]) <= MAX_INTERVAL_MS
+        and min(rx_bps) >= 0.0
+        and min(tx_bps) >= 0.0
+        and max(rx_bps) <= MAX_BPS
+        and max(tx_bps) <= MAX_BPS
+        and math.isfinite(sum(rx_bps) + sum(tx_bps))
+        and min(utilization) >= -1.0
+        and max(utilization) <= MAX_UTILIZATION
+        and math.isfinite(sum(utilization))
+        and min(map(len, names)) >= 1
+        and max(map(len, names)) <= MAX_INTERFACE_LEN
+        and all(map(str.isprintable, names))
+    ):
+        for position, row in zip(positions, values, strict=True):
+            _check_sample(row, f"batch.facts[{position}].interface_sample")
+        raise ValidationError("batch.facts", "failed validation")  # the per-sample pass must have named it
+    columns.insert(0, tuple(sample_times))
+    return ValidBatch(agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, tuple(columns), others)
 
 
 def _check_time(value: int, field: str, latest: int) -> None:
@@ -130,8 +173,8 @@ def _check_time(value: int, field: str, latest: int) -> None:
         raise ValidationError(field, f"{value} is more than 24 h ahead of the collector's clock")
 
 
-def _explain_sample(values: tuple[Any, ...], prefix: str) -> None:
-    """Slow path: find which field made the fast check fail, and say so."""
+def _check_sample(values: tuple[Any, ...], prefix: str) -> None:
+    """Slow path: raise naming the first bad field of one sample; return if it is fine."""
     name = values[0]
     if not name:
         raise ValidationError(f"{prefix}.interface", "must not be empty")
@@ -144,12 +187,11 @@ def _explain_sample(values: tuple[Any, ...], prefix: str) -> None:
     if values[9] > MAX_INTERVAL_MS:
         raise ValidationError(f"{prefix}.interval_ms", f"{values[9]} is longer than a day")
     for field, value in (("rx_bps", values[10]), ("tx_bps", values[11])):
-        if math.isnan(value) or math.isinf(value):
+        if not math.isfinite(value):
             raise ValidationError(f"{prefix}.{field}", f"must be a finite number, got {value}")
-        if value < 0:
-            raise ValidationError(f"{prefix}.{field}", f"must be >= 0, got {value}")
+        if not 0 <= value <= MAX_BPS:
+            raise ValidationError(f"{prefix}.{field}", f"must be in [0, {MAX_BPS:g}], got {value}")
     if not -1.0 <= values[13] <= MAX_UTILIZATION:
         raise ValidationError(
             f"{prefix}.utilization", f"must be in [0, {MAX_UTILIZATION:g}] or -1 (unknown), got {values[13]}"
         )
-    raise ValidationError(prefix, "is invalid")  # unreachable unless the fast check and this disagree

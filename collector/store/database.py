@@ -42,5 +42,9 @@ def open_database(path: str | Path, *, readonly: bool = False, create: bool = Tr
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     except OSError as exc:
         raise StoreError(f"cannot open database {path}: {exc.strerror or exc}") from exc
-    migrate(db)
+    try:
+        migrate(db)
+    except BaseException:
+        db.close()
+        raise
     return db

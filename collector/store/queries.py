@@ -7,11 +7,14 @@ become StoreError here, an operator's mistake (unknown agent, ...) a QueryError.
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_right
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import NamedTuple
+from contextlib import closing, contextmanager
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from collector.errors import QueryError, StoreError
+from collector.model import MAX_BATCH_SPAN_MS
 
 # An agent id prefix shorter than this matches too much to be a useful handle.
 MIN_PREFIX = 4
@@ -147,54 +150,34 @@ def resolve_agent(db: sqlite3.Connection, text: str) -> int:
     )
 
 
-def _interfaces_of(db: sqlite3.Connection, agent: int) -> list[str]:
-    """The agent's interface names, by one index seek each (no scan of its samples)."""
-    rows = db.execute(
-        "WITH RECURSIVE names(name) AS ("
-        " SELECT min(interface) FROM interface_samples WHERE agent = :agent"
-        " UNION ALL"
-        " SELECT (SELECT min(interface) FROM interface_samples WHERE agent = :agent AND interface > name)"
-        " FROM names WHERE name IS NOT NULL"
-        ") SELECT name FROM names WHERE name IS NOT NULL",
-        {"agent": agent},
-    ).fetchall()
-    return [name for (name,) in rows]
-
-
-# The samples of one (agent, interface) in range, read once: interface_samples is
-# not clustered by agent, so each sample costs a row lookup (the index has only
-# agent, interface, time_ms), and a second pass would double the dominant cost.
-# The percentiles then sort only the top 5 % of that in-memory copy (LIMIT + OFFSET).
-# Nearest-rank p95 = rank ceil(0.95 n) ascending = skip n - ceil(0.95 n) descending;
-# (95 n + 99) / 100 is that ceiling in SQLite's integer arithmetic.
-_GROUP = (
-    "FROM interface_samples"
-    " WHERE agent = :agent AND interface = :interface AND time_ms >= :since AND time_ms < :until"
+# An agent's samples in range, located through its batches: batches_by_time
+# (agent, last_ms) yields the batches that can hold samples in range, and each
+# batch's samples are one rowid range of interface_samples (first_sample to
+# last_sample). A rejected batch has NULL times and is never matched. A batch's
+# facts span at most MAX_BATCH_SPAN_MS (validation enforces it), so a batch that
+# starts before :until ends before :until + span: the index range is bounded on
+# both sides, and a window far in the past does not walk every later batch.
+_IN_RANGE = (
+    " FROM batches AS b"
+    " JOIN interface_samples AS s ON s.id BETWEEN b.first_sample AND b.last_sample"
+    " WHERE b.agent = :agent AND b.last_ms >= :since AND b.last_ms < :until + :span"
+    " AND b.first_ms < :until"
+    " AND s.time_ms >= :since AND s.time_ms < :until"
 )
-_GROUP_SUMMARY = f"""
-WITH s AS MATERIALIZED (
-    SELECT rx_bytes, tx_bytes, interval_ms, rx_bps, tx_bps, counter_reset,
-        CASE WHEN speed_bps > 0 THEN utilization END AS utilization
-    {_GROUP}
-),
-t AS MATERIALIZED (
-    SELECT count(*) AS samples, sum(rx_bytes) AS rx_bytes, sum(tx_bytes) AS tx_bytes,
-        sum(interval_ms) AS covered_ms, max(rx_bps) AS peak_rx, max(tx_bps) AS peak_tx,
-        count(utilization) AS with_speed, max(utilization) AS util_peak,
-        sum(counter_reset != 0) AS resets
-    FROM s
+# Only what the figures need is fetched (each value a fetch returns costs more than
+# finding it): the utilization only where the link speed is known, and no time or
+# speed, which only the latest sample needs (_LATEST). Any order: the figures
+# do not depend on it.
+_SCAN = (
+    "SELECT s.series, s.rx_bytes, s.tx_bytes, s.interval_ms, s.rx_bps, s.tx_bps,"
+    " CASE WHEN s.speed_bps > 0 THEN s.utilization END, s.counter_reset" + _IN_RANGE
 )
-SELECT samples, rx_bytes, tx_bytes, covered_ms, peak_rx, peak_tx, util_peak, resets,
-    (SELECT rx_bps FROM s ORDER BY rx_bps DESC
-        LIMIT 1 OFFSET (SELECT samples - (95 * samples + 99) / 100 FROM t)),
-    (SELECT tx_bps FROM s ORDER BY tx_bps DESC
-        LIMIT 1 OFFSET (SELECT samples - (95 * samples + 99) / 100 FROM t)),
-    (SELECT utilization FROM s WHERE utilization IS NOT NULL ORDER BY utilization DESC
-        LIMIT 1 OFFSET (SELECT with_speed - (95 * with_speed + 99) / 100 FROM t))
-FROM t
-"""
-# One index seek.
-_LATEST = f"SELECT time_ms, rx_bps, tx_bps, speed_bps {_GROUP} ORDER BY time_ms DESC LIMIT 1"
+# One series' samples, newest batch first (batches_by_time read backwards: no sort).
+_LATEST = (
+    "SELECT b.last_ms, s.time_ms, s.id, s.rx_bps, s.tx_bps, s.speed_bps"
+    + _IN_RANGE
+    + " AND s.series = :series ORDER BY b.last_ms DESC"
+)
 
 
 class _Agent(NamedTuple):
@@ -220,42 +203,92 @@ def bandwidth(
     """
     if top is not None and top < 1:
         raise QueryError(f"top must be at least 1, not {top}")
+    rows: list[BandwidthRow] = []
     with _translated("query bandwidth"), _snapshot(db):
         sql = "SELECT id, agent_id, hostname, department, county FROM agents"
         found = db.execute(sql + " WHERE id = ?", (agent,)) if agent is not None else db.execute(sql)
-        agents = [_Agent(*row) for row in found]
-        rows = []
-        for who in agents:
-            names = [interface] if interface is not None else _interfaces_of(db, who.id)
-            for name in names:
-                row = _bandwidth_of(db, who, name, since_ms, until_ms)
-                if row is not None:
-                    rows.append(row)
+        for who in [_Agent(*row) for row in found]:
+            rows.extend(_bandwidth_of(db, who, interface, since_ms, until_ms))
     rows.sort(key=lambda r: (-max(r.p95_rx_bps, r.p95_tx_bps), r.hostname, r.interface))
     return rows[:top] if top is not None else rows
 
 
 def _bandwidth_of(
-    db: sqlite3.Connection, who: _Agent, interface: str, since_ms: int, until_ms: int
-) -> BandwidthRow | None:
-    group = {"agent": who.id, "interface": interface, "since": since_ms, "until": until_ms}
-    (
-        count,
-        rx_bytes,
-        tx_bytes,
-        covered_ms,
-        peak_rx,
-        peak_tx,
-        util_peak,
-        resets,
-        p95_rx,
-        p95_tx,
-        util_p95,
-    ) = db.execute(_GROUP_SUMMARY, group).fetchone()
-    if not count:
-        return None
-    last_ms, current_rx, current_tx, speed = db.execute(_LATEST, group).fetchone()
-    seconds = covered_ms / 1000
+    db: sqlite3.Connection, who: _Agent, interface: str | None, since_ms: int, until_ms: int
+) -> list[BandwidthRow]:
+    """One row per series of the agent with samples in range (only ``interface``'s, if given)."""
+    params = {"agent": who.id, "since": since_ms, "until": until_ms, "span": MAX_BATCH_SPAN_MS}
+    if interface is None:
+        samples = db.execute(_SCAN, params).fetchall()
+    else:
+        series = db.execute(
+            "SELECT id FROM series WHERE agent = ? AND interface = ?", (who.id, interface)
+        ).fetchone()
+        if series is None:
+            return []
+        samples = db.execute(_SCAN + " AND s.series = :series", {**params, "series": series[0]}).fetchall()
+    if not samples:
+        return []
+    names = dict(db.execute("SELECT id, interface FROM series WHERE agent = ?", (who.id,)).fetchall())
+    # Stable sort: each series' samples become one run, and the columns of a run are
+    # slices of the columns of the whole.
+    samples.sort(key=itemgetter(0))
+    columns = list(zip(*samples, strict=True))
+    by_series = columns[0]
+    rows = []
+    start = 0
+    while start < len(by_series):
+        series_id = by_series[start]
+        end = bisect_right(by_series, series_id, lo=start)
+        name = names.get(series_id)
+        if name is None:
+            raise StoreError(
+                f"samples of agent {who.agent_id} refer to series {series_id}, which it does not have"
+            )
+        latest = _latest(db, {**params, "series": series_id})
+        rows.append(_figures(who, name, [column[start:end] for column in columns[1:]], latest))
+        start = end
+    return rows
+
+
+def _latest(db: sqlite3.Connection, params: dict[str, int]) -> tuple[int, float, float, int]:
+    """(time_ms, rx_bps, tx_bps, speed_bps) of the series' latest sample in range, of the
+    samples with that time the one stored last (highest id).
+
+    Batches can overlap in time, so the newest batch need not hold the latest sample;
+    but a batch holds nothing later than its last_ms, so the read stops at the first
+    batch that ends before the best sample found: usually the first one or two.
+    """
+    best: tuple[int, int, float, float, int] | None = None
+    with closing(db.execute(_LATEST, params)) as found:
+        for batch_last_ms, time_ms, sample_id, rx_bps, tx_bps, speed_bps in found:
+            if best is not None and batch_last_ms < best[0]:
+                break
+            if best is None or (time_ms, sample_id) > best[:2]:
+                best = (time_ms, sample_id, rx_bps, tx_bps, speed_bps)
+    if best is None:  # the scan, in the same snapshot, found samples of this series
+        raise StoreError(f"series {params['series']} has samples in range and yet none")
+    return best[0], best[2], best[3], best[4]
+
+
+def _nearest_rank_p95(ascending: list[float]) -> float:
+    """The value of rank ceil(0.95 n), counted from 1 (integer arithmetic: no 0.95 * n rounding)."""
+    return ascending[(95 * len(ascending) + 99) // 100 - 1]
+
+
+def _figures(
+    who: _Agent, interface: str, columns: list[tuple[Any, ...]], latest: tuple[int, float, float, int]
+) -> BandwidthRow:
+    rx_bytes, tx_bytes, interval_ms, rx_bps, tx_bps, utilization, counter_reset = columns
+    count = len(rx_bps)
+    rx_sorted = sorted(rx_bps)
+    tx_sorted = sorted(tx_bps)
+    unknown_speed = utilization.count(None)
+    util_sorted = sorted(utilization if not unknown_speed else [u for u in utilization if u is not None])
+    total_rx = sum(rx_bytes)
+    total_tx = sum(tx_bytes)
+    seconds = sum(interval_ms) / 1000
+    last_ms, current_rx, current_tx, speed = latest
     return BandwidthRow(
         hostname=who.hostname,
         agent_id=who.agent_id,
@@ -265,17 +298,17 @@ def _bandwidth_of(
         samples=count,
         current_rx_bps=float(current_rx),
         current_tx_bps=float(current_tx),
-        avg_rx_bps=rx_bytes * 8 / seconds if seconds > 0 else 0.0,
-        avg_tx_bps=tx_bytes * 8 / seconds if seconds > 0 else 0.0,
-        p95_rx_bps=float(p95_rx),
-        p95_tx_bps=float(p95_tx),
-        peak_rx_bps=float(peak_rx),
-        peak_tx_bps=float(peak_tx),
+        avg_rx_bps=total_rx * 8 / seconds if seconds > 0 else 0.0,
+        avg_tx_bps=total_tx * 8 / seconds if seconds > 0 else 0.0,
+        p95_rx_bps=float(_nearest_rank_p95(rx_sorted)),
+        p95_tx_bps=float(_nearest_rank_p95(tx_sorted)),
+        peak_rx_bps=float(rx_sorted[-1]),
+        peak_tx_bps=float(tx_sorted[-1]),
         speed_bps=int(speed),
-        utilization_p95=None if util_p95 is None else float(util_p95),
-        utilization_peak=None if util_peak is None else float(util_peak),
-        total_rx_bytes=int(rx_bytes),
-        total_tx_bytes=int(tx_bytes),
-        counter_resets=int(resets),
+        utilization_p95=float(_nearest_rank_p95(util_sorted)) if util_sorted else None,
+        utilization_peak=float(util_sorted[-1]) if util_sorted else None,
+        total_rx_bytes=int(total_rx),
+        total_tx_bytes=int(total_tx),
+        counter_resets=count - counter_reset.count(0),
         last_ms=int(last_ms),
     )

@@ -8,6 +8,7 @@ not thread-safe on purpose: ingest.py calls it from one thread only.
 from __future__ import annotations
 
 import sqlite3
+from itertools import count, repeat
 from typing import NamedTuple
 
 from collector.errors import StoreError
@@ -26,7 +27,8 @@ class Rejected(NamedTuple):
     peer: str
 
 
-_INSERT_SAMPLES = "INSERT INTO interface_samples VALUES (?, ?, ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_SAMPLES = "INSERT INTO interface_samples VALUES (" + ", ".join("?" * 19) + ")"
+_INSERT_BATCHES = "INSERT INTO batches VALUES (" + ", ".join("?" * 10) + ")"
 
 
 class _AgentState:
@@ -44,6 +46,13 @@ class Writer:
             agent_id: _AgentState(key, last_seq)
             for key, agent_id, last_seq in db.execute("SELECT id, agent_id, last_seq FROM agents")
         }
+        # (agent key, interface) -> series id; grows only after a COMMIT that created the series.
+        self._series: dict[tuple[int, str], int] = {
+            (agent, interface): series
+            for series, agent, interface in db.execute("SELECT id, agent, interface FROM series")
+        }
+        (self._next_series,) = db.execute("SELECT coalesce(max(id), 0) + 1 FROM series").fetchone()
+        (self._next_sample,) = db.execute("SELECT coalesce(max(id), 0) + 1 FROM interface_samples").fetchone()
 
     def last_seq(self, agent_id: str) -> int:
         state = self._agents.get(agent_id)
@@ -89,6 +98,19 @@ class Writer:
             raise StoreError(f"cannot register agent {hello.agent_id}: {exc}") from exc
         return self._agents[hello.agent_id].last_seq
 
+    def note_policy_version(self, agent_id: str, version: str) -> bool:
+        """Record the policy version an agent says it runs; False for an unknown agent."""
+        if agent_id not in self._agents:
+            return False
+        try:
+            with self._transaction():
+                self._db.execute(
+                    "UPDATE agents SET policy_version = ? WHERE agent_id = ?", (version, agent_id)
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot record policy version of {agent_id}: {exc}") from exc
+        return True
+
     def commit(self, items: list[ValidBatch | Rejected]) -> list[Settled | Rejected]:
         """Settle many batches, in arrival order, in one durable transaction (group commit).
 
@@ -103,8 +125,11 @@ class Writer:
         gaps: list[tuple[int, int, int, int]] = []
         refused: list[Rejected] = []
         settled_now: set[tuple[str, int]] = set()
-        # agent_id -> (new last_seq, last_seen_ms, clock skew ms)
-        seen: dict[str, tuple[int, int, int]] = {}
+        series = self._series
+        new_series: dict[tuple[int, str], int] = {}
+        next_id = self._next_sample
+        # agent_id -> (new last_seq, last_seen_ms, clock skew ms or None when unknown)
+        seen: dict[str, tuple[int, int, int | None]] = {}
         for item in items:
             state = self._agents.get(item.agent_id)
             if state is None:
@@ -123,9 +148,12 @@ class Writer:
                     # and the sequence moves on instead of looking like a hole.
                     if seq > last + 1:
                         gaps.append((state.key, last + 1, seq - 1, item.received_ms))
-                    batch_rows.append((state.key, seq, 0, item.received_ms, 0, "rejected"))
+                    batch_rows.append(
+                        (state.key, seq, 0, item.received_ms, 0, "rejected", None, None, None, None)
+                    )
                     settled_now.add((item.agent_id, seq))
-                    skew = seen[item.agent_id][2] if item.agent_id in seen else 0
+                    # A rejected batch says nothing trustworthy about the agent's clock.
+                    skew = seen[item.agent_id][2] if item.agent_id in seen else None
                     seen[item.agent_id] = (seq, item.received_ms, skew)
                 continue
             if seq <= last:
@@ -149,8 +177,33 @@ class Writer:
             if gap_from:
                 gaps.append((state.key, gap_from, gap_to, item.received_ms))
             key = state.key
-            batch_rows.append((key, seq, item.sent_ms, item.received_ms, item.fact_count, "stored"))
-            samples.extend([(key, seq, *row) for row in item.interface_rows])
+            first_sample = last_sample = None
+            if item.sample_columns:
+                times, names, *values = item.sample_columns
+                first_sample = next_id
+                next_id += len(times)
+                last_sample = next_id - 1
+                # A batch names a handful of interfaces: resolve each once, then map in C.
+                ids: dict[str, int] = {}
+                for name in set(names):
+                    sid = series.get((key, name)) or new_series.get((key, name))
+                    if sid is None:
+                        sid = new_series[(key, name)] = self._next_series + len(new_series)
+                    ids[name] = sid
+                samples.extend(
+                    zip(
+                        count(first_sample),
+                        repeat(key),
+                        map(ids.__getitem__, names),
+                        repeat(seq),
+                        times,
+                        *values,
+                    )
+                )
+            batch_rows.append(
+                (key, seq, item.sent_ms, item.received_ms, item.fact_count, "stored",
+                 item.first_ms, item.last_ms, first_sample, last_sample)
+            )  # fmt: skip
             others.extend([(key, seq, *row) for row in item.other_rows])
             settled_now.add((item.agent_id, seq))
             seen[item.agent_id] = (seq, item.received_ms, item.sent_ms - item.received_ms)
@@ -159,7 +212,12 @@ class Writer:
             with self._transaction():
                 db = self._db
                 if batch_rows:
-                    db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)", batch_rows)
+                    db.executemany(_INSERT_BATCHES, batch_rows)
+                if new_series:
+                    db.executemany(
+                        "INSERT INTO series (id, agent, interface) VALUES (?, ?, ?)",
+                        [(sid, agent, name) for (agent, name), sid in new_series.items()],
+                    )
                 if samples:
                     db.executemany(_INSERT_SAMPLES, samples)
                 if others:
@@ -174,7 +232,8 @@ class Writer:
                     )
                 if seen:
                     db.executemany(
-                        "UPDATE agents SET last_seq = ?, last_seen_ms = ?, clock_skew_ms = ? "
+                        "UPDATE agents SET last_seq = ?, last_seen_ms = ?, "
+                        "clock_skew_ms = coalesce(?, clock_skew_ms) "
                         "WHERE agent_id = ?",
                         [(s, t, k, a) for a, (s, t, k) in seen.items()],
                     )
@@ -182,6 +241,9 @@ class Writer:
             raise StoreError(f"cannot store {len(items)} batches: {exc}") from exc
         for agent_id, (seq, _, _) in seen.items():
             self._agents[agent_id].last_seq = seq
+        series.update(new_series)
+        self._next_series += len(new_series)
+        self._next_sample = next_id
         return outcomes
 
     def _has_batch(self, key: int, seq: int) -> bool:

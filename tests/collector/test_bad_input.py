@@ -147,6 +147,7 @@ def test_invalid_sample_is_rejected_naming_the_field_and_stream_continues(
         ("no-kind", "batch.facts[0]"),
         ("seq-zero", "batch.seq"),
         ("too-many-facts", "batch.facts"),
+        ("span-over-an-hour", "batch.facts"),
     ],
 )
 def test_invalid_batch_fields(stream: Stream, case: str, field: str) -> None:
@@ -162,6 +163,9 @@ def test_invalid_batch_fields(stream: Stream, case: str, field: str) -> None:
         msg.batch.facts[0].ClearField("interface_sample")
     elif case == "seq-zero":
         msg.batch.seq = 0
+    elif case == "span-over-an-hour":
+        msg = batch_request(1, t, t, [sample(), sample(interface="eth1")])
+        msg.batch.facts[0].time_ms = t - 3_600_001
     elif case == "too-many-facts":
         msg = batch_request(1, t, t, [sample()] * 20_001)
     reply = stream.send(msg.SerializeToString())

@@ -12,6 +12,7 @@ import pytest
 from conftest import Collector, Process, cli_json, run_cli, start_agent
 
 from agent.spool import Spool
+from collector.policy import AgentPolicy
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
@@ -33,10 +34,20 @@ def stored_batches(db: Path) -> list[tuple[int, int]]:
         con.close()
 
 
+def policy_version(db: Path) -> str:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT policy_version FROM agents").fetchone()
+        return row[0] if row else ""
+    finally:
+        con.close()
+
+
 def test_report_arrives_and_is_queryable(collector: Collector, tmp_path: Path) -> None:
     agent = start_agent(collector.target, tmp_path / "agent")
     try:
         wait_until(lambda: len(stored_batches(collector.db)) >= 2, what="two batches stored")
+        wait_until(lambda: policy_version(collector.db) != "", what="the agent confirming its policy")
     finally:
         assert agent.stop() == 0, agent.log()
 
@@ -51,6 +62,8 @@ def test_report_arrives_and_is_queryable(collector: Collector, tmp_path: Path) -
         "server",
     )
     assert row["status"] == "online"
+    # The policy the collector serves (interval 1 s, interface lo) is the one the agent runs.
+    assert row["policy_version"] == AgentPolicy(sample_interval_s=1, interfaces=("lo",)).version
 
     bandwidth = cli_json("zonewatch-collector", "bandwidth", "--db", str(collector.db), "--since", "10m")
     assert [r["interface"] for r in bandwidth] == ["lo"]
