@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bw.add_argument("--until", default="now", help="end, same forms (default now)")
     bw.add_argument("--top", type=int, help="only the N busiest interfaces")
+    bw.add_argument(
+        "--wide",
+        action="store_true",
+        help="table: every column (averages, byte totals, resets, last sample); json/csv always have all",
+    )
 
     watch = sub.add_parser(
         "watch",
@@ -150,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("--since", default="1m", help="bandwidth window (default 1m)")
     watch.add_argument("--count", type=int, default=0, help="stop after N refreshes (default: until Ctrl-C)")
+    watch.add_argument("--wide", action="store_true", help="every bandwidth column")
     return parser
 
 
@@ -218,18 +224,26 @@ def _bandwidth_rows(db: Any, args: argparse.Namespace, since: str, until: str) -
     )
 
 
+def _bandwidth_columns(args: argparse.Namespace) -> Any:
+    from collector.output import BANDWIDTH_COLUMNS, BANDWIDTH_SUMMARY_COLUMNS
+
+    wide = args.wide or getattr(args, "format", "table") != "table"
+    return BANDWIDTH_COLUMNS if wide else BANDWIDTH_SUMMARY_COLUMNS
+
+
 def cmd_bandwidth(args: argparse.Namespace) -> int:
-    from collector.output import BANDWIDTH_COLUMNS, render
+    from collector.output import render
 
     db = _open(args)
-    render(_bandwidth_rows(db, args, args.since, args.until), args.format, BANDWIDTH_COLUMNS, sys.stdout)
+    rows = _bandwidth_rows(db, args, args.since, args.until)
+    render(rows, args.format, _bandwidth_columns(args), sys.stdout)
     return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from collector.output import AGENT_COLUMNS, BANDWIDTH_COLUMNS, render
+    from collector.output import AGENT_COLUMNS, render
     from collector.store.queries import list_agents
 
     console = Console()
@@ -243,7 +257,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             f"[bold]zonewatch fleet[/bold]  {args.db}  {time.strftime('%Y-%m-%d %H:%M:%S')}  (Ctrl-C to quit)"
         )
         render(agents, "table", AGENT_COLUMNS, sys.stdout)
-        render(rows, "table", BANDWIDTH_COLUMNS, sys.stdout)
+        render(rows, "table", _bandwidth_columns(args), sys.stdout)
         shown += 1
         if args.count and shown >= args.count:
             return 0

@@ -74,7 +74,23 @@ BANDWIDTH_COLUMNS: tuple[Column, ...] = (
     Column("last_ms", "last sample", "time"),
 )
 
-_EMPTY = {AGENT_COLUMNS: "no agents", BANDWIDTH_COLUMNS: "no samples in range"}
+# What fits a terminal: the figures an operator scans for (now, p95, peak, load).
+# `--wide` shows BANDWIDTH_COLUMNS; json and csv always carry every field.
+BANDWIDTH_SUMMARY_COLUMNS: tuple[Column, ...] = tuple(
+    c
+    for c in BANDWIDTH_COLUMNS
+    if c.field
+    in {
+        "hostname", "interface", "current_rx_bps", "current_tx_bps", "p95_rx_bps", "p95_tx_bps",
+        "peak_rx_bps", "peak_tx_bps", "speed_bps", "utilization_p95", "samples",
+    }
+)  # fmt: skip
+
+_EMPTY = {
+    AGENT_COLUMNS: "no agents",
+    BANDWIDTH_COLUMNS: "no samples in range",
+    BANDWIDTH_SUMMARY_COLUMNS: "no samples in range",
+}
 
 
 class Record(Protocol):

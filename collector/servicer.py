@@ -94,12 +94,27 @@ class AgentService:
         replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None] = asyncio.Queue(
             MAX_IN_FLIGHT_PER_STREAM
         )
+        receiver = asyncio.create_task(self._receive(hello.agent_id, peer, replies, context))
         sender = asyncio.create_task(self._send_replies(replies, context))
         try:
-            await self._receive(hello.agent_id, peer, replies, context)
+            await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver.done() and not receiver.cancelled() and receiver.exception() is None:
+                await replies.put(None)  # the agent is done sending: answer what is in flight
+                storage_ok = await sender
+            elif receiver.done() and isinstance(receiver.exception(), CollectorError):
+                storage_ok = False
+            elif receiver.done():
+                receiver.result()  # the stream broke (cancelled by the agent): let grpc see why
+                storage_ok = True
+            else:
+                storage_ok = sender.result()
         finally:
-            await replies.put(None)
-            await sender
+            for task in (receiver, sender):
+                task.cancel()
+            await asyncio.gather(receiver, sender, return_exceptions=True)
+        if not storage_ok:
+            # Nothing unacknowledged is lost: the agent keeps it and retries after its backoff.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "collector storage is failing; retry later")
 
     async def _receive(
         self,
@@ -158,25 +173,20 @@ class AgentService:
                 future = self._ingest.submit(item)
             except CollectorError as exc:
                 log.error("storage failing, refusing batches: %s", exc)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "collector storage is failing; retry later")
+                raise
             await replies.put(future)
 
     async def _send_replies(
         self,
         replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None],
         context: grpc.aio.ServicerContext,
-    ) -> None:
-        failed = False
+    ) -> bool:
+        """Answer each batch in order; False as soon as storage fails (the stream must end)."""
         while (future := await replies.get()) is not None:
-            if failed:
-                future.cancel()
-                continue
             try:
                 outcome = await future
             except CollectorError:
-                # Not acknowledged: the agent keeps the batch and resends it.
-                failed = True
-                continue
+                return False
             if isinstance(outcome, Rejected):
                 reply = agent_pb2.ReportResponse(
                     rejection=agent_pb2.Rejection(
@@ -193,7 +203,8 @@ class AgentService:
             try:
                 await context.write(reply)
             except Exception:  # the stream went away; the agent will resend what it missed
-                failed = True
+                return True
+        return True
 
     def _record(self, rejected: Rejected) -> None:
         with contextlib.suppress(CollectorError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -12,8 +13,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+
+from agent.sensors.interfaces import InterfaceSample
+from agent.wire import REPORT_METHOD, batch_request, hello_request, parse_response
+from protos.zonewatch.v1 import agent_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"collector listening on [\d.]+:(\d+)")
@@ -153,3 +160,50 @@ def start_agent(collector_target: str, state_dir: Path, *extra: str) -> Process:
             *extra,
         ]
     )
+
+
+# --- a raw Report stream, for tests that speak the protocol byte by byte --------------------
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def sample(**changes: Any) -> InterfaceSample:
+    base = InterfaceSample(
+        "eth0", 1000, 2000, 10, 20, 0, 0, 0, 0, 10_000, 800.0, 1600.0, 1_000_000_000, 1.6e-6, False
+    )
+    return base._replace(**changes)
+
+
+class Stream:
+    """A raw Report stream, one request answered by one response."""
+
+    def __init__(self, target: str, agent_id: str, hello: bytes | None = None) -> None:
+        self.agent_id = agent_id
+        self.channel = grpc.insecure_channel(target)
+        self.requests: queue.Queue[bytes | None] = queue.Queue()
+        method = self.channel.stream_stream(
+            REPORT_METHOD, request_serializer=None, response_deserializer=parse_response
+        )
+        self.responses = method(iter(self.requests.get, None), timeout=30)
+        if hello is None:
+            hello = hello_request(
+                agent_id, "host-" + agent_id, "test", {"department": "市教育局"}, "", now_ms()
+            )
+            hello = hello.SerializeToString()
+        self.welcome = self.send(hello)
+
+    def send(self, data: bytes) -> agent_pb2.ReportResponse:
+        self.requests.put(data)
+        return next(self.responses)
+
+    def batch(
+        self, seq: int, *samples: InterfaceSample, sent_ms: int | None = None
+    ) -> agent_pb2.ReportResponse:
+        t = sent_ms if sent_ms is not None else now_ms()
+        return self.send(batch_request(seq, t, t, list(samples) or [sample()]).SerializeToString())
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.channel.close()

@@ -71,6 +71,17 @@ def test_report_arrives_and_is_queryable(collector: Collector, tmp_path: Path) -
     # The table view is what people read: it must show the labels as written.
     table = run_cli("zonewatch-collector", "agents", "--db", str(collector.db)).stdout
     assert "市公安局" in table and "web-01" in table
+    # Bandwidth fits a terminal by default; --wide and the machine formats carry every field.
+    db = str(collector.db)
+    narrow = run_cli("zonewatch-collector", "bandwidth", "--db", db, "--since", "10m").stdout
+    wide = run_cli("zonewatch-collector", "bandwidth", "--db", db, "--since", "10m", "--wide").stdout
+    csv_header = run_cli(
+        "zonewatch-collector", "bandwidth", "--db", db, "--format", "csv"
+    ).stdout.splitlines()[0]
+    assert "rx p95" in narrow and "rx avg" not in narrow
+    assert "rx avg" in wide and "resets" in wide
+    assert "avg_rx_bps" in csv_header.split(",")
+    assert max(map(len, narrow.splitlines())) <= 140
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "kill-9"])
