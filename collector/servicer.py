@@ -71,7 +71,7 @@ class AgentService:
                 grpc.StatusCode.FAILED_PRECONDITION, "the first message of a Report stream must be a hello"
             )
         try:
-            hello = validate.hello(first.hello)
+            hello = validate.hello(first.hello, self._clock_ms())
         except ValidationError as exc:
             self._record(
                 Rejected(
@@ -213,13 +213,17 @@ class AgentService:
     async def get_policy(
         self, request: agent_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.GetPolicyResponse:
+        try:
+            agent_id, current = validate.policy_request(request)
+        except ValidationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         version = self._policy.version
-        if request.current_version == version:
+        if current == version:
             # The agent confirms it runs this version: record it once, not on every poll.
-            if request.agent_id and self._confirmed.get(request.agent_id) != version:
+            if agent_id and self._confirmed.get(agent_id) != version:
                 try:
-                    if await self._ingest.note_policy_version(request.agent_id, version):
-                        self._confirmed[request.agent_id] = version
+                    if await self._ingest.note_policy_version(agent_id, version):
+                        self._confirmed[agent_id] = version
                 except CollectorError as exc:
                     log.warning("cannot record policy version: %s", exc)
             return agent_pb2.GetPolicyResponse(version=version, unchanged=True)

@@ -68,10 +68,17 @@ def _text(value: str, field: str, max_len: int, *, required: bool = False) -> st
     return value
 
 
-def hello(msg: agent_pb2.Hello) -> AgentHello:
-    agent_id = _text(msg.agent_id, "hello.agent_id", MAX_ID_LEN, required=True)
-    if not all(c.isascii() and (c.isalnum() or c in "-_.") for c in agent_id):
-        raise ValidationError("hello.agent_id", "may contain only ASCII letters, digits, '-', '_' and '.'")
+def _agent_id(value: str, field: str) -> str:
+    _text(value, field, MAX_ID_LEN, required=True)
+    if not all(c.isascii() and (c.isalnum() or c in "-_.") for c in value):
+        raise ValidationError(field, "may contain only ASCII letters, digits, '-', '_' and '.'")
+    return value
+
+
+def hello(msg: agent_pb2.Hello, received_ms: int) -> AgentHello:
+    agent_id = _agent_id(msg.agent_id, "hello.agent_id")
+    if msg.time_ms:  # 0: the agent does not say
+        _check_time(msg.time_ms, "hello.time_ms", received_ms + MAX_FUTURE_MS)
     labels = msg.labels
     return AgentHello(
         agent_id=agent_id,
@@ -86,6 +93,12 @@ def hello(msg: agent_pb2.Hello) -> AgentHello:
         policy_version=_text(msg.policy_version, "hello.policy_version", MAX_LABEL_LEN),
         time_ms=msg.time_ms,
     )
+
+
+def policy_request(msg: agent_pb2.GetPolicyRequest) -> tuple[str, str]:
+    """(agent_id, current_version); an empty agent id is allowed (a tool asking, not an agent)."""
+    agent_id = _agent_id(msg.agent_id, "agent_id") if msg.agent_id else ""
+    return agent_id, _text(msg.current_version, "current_version", MAX_LABEL_LEN)
 
 
 def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:

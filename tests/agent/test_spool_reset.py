@@ -7,7 +7,10 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.backoff import Backoff
+from agent.errors import SpoolError
 from agent.sensors.interfaces import InterfaceSample
 from agent.spool import Spool
 from agent.transport import Transport
@@ -82,3 +85,11 @@ def test_renumber_patches_payloads_and_keeps_order(tmp_path: Path) -> None:
         assert [agent_pb2.ReportRequest.FromString(b.payload).batch.seq for b in batches] == [10, 11, 12]
         fill(spool, 1, "eth0")
         assert spool.pending()[-1].seq == 13
+
+
+def test_renumber_refuses_to_reuse_numbers(tmp_path: Path) -> None:
+    with Spool(tmp_path / "s.db") as spool:
+        fill(spool, 3, "eth0")
+        with pytest.raises(SpoolError, match="numbers up to 3 are used"):
+            spool.renumber_from(2, renumber_payload)
+        assert [b.seq for b in spool.pending()] == [1, 2, 3]

@@ -11,7 +11,7 @@ import pytest
 from conftest import Collector, Stream, now_ms, sample
 
 from agent.wire import batch_request, hello_request
-from protos.zonewatch.v1 import facts_pb2
+from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -189,6 +189,7 @@ def test_first_message_must_be_hello(server: Collector) -> None:
 @pytest.mark.parametrize(
     ("agent_id", "hostname", "message"),
     [
+        ("far-future-clock", "h", "time_ms"),
         ("", "h", "agent_id"),
         ("has space", "h", "agent_id"),
         ("ok-id", "", "hostname"),
@@ -196,7 +197,8 @@ def test_first_message_must_be_hello(server: Collector) -> None:
     ],
 )
 def test_invalid_hello_is_refused(server: Collector, agent_id: str, hostname: str, message: str) -> None:
-    hello = hello_request(agent_id, hostname, "t", {}, "", now_ms()).SerializeToString()
+    t = 2**62 if agent_id == "far-future-clock" else now_ms()
+    hello = hello_request(agent_id, hostname, "t", {}, "", t).SerializeToString()
     with pytest.raises(grpc.RpcError) as info:
         Stream(server.target, agent_id, hello=hello)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -233,3 +235,25 @@ def test_fact_of_a_newer_kind_is_kept_verbatim(server: Collector) -> None:
     rows = con.execute("SELECT kind, length(payload) FROM other_facts").fetchall()
     con.close()
     assert ("unknown", len(fact)) in rows
+
+
+@pytest.mark.parametrize(
+    ("agent_id", "version", "field"),
+    [
+        ("no spaces allowed", "", "agent_id"),
+        ("a" * 129, "", "agent_id"),
+        ("ok-01", "v" * 129, "current_version"),
+    ],
+)
+def test_get_policy_validates_its_request(server: Collector, agent_id: str, version: str, field: str) -> None:
+    channel = grpc.insecure_channel(server.target)
+    method = channel.unary_unary(
+        "/zonewatch.v1.AgentService/GetPolicy",
+        request_serializer=agent_pb2.GetPolicyRequest.SerializeToString,
+        response_deserializer=agent_pb2.GetPolicyResponse.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        method(agent_pb2.GetPolicyRequest(agent_id=agent_id, current_version=version), timeout=10)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (info.value.details() or "")
