@@ -38,7 +38,7 @@ SAMPLE_COLUMNS = (
     "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "rx_errors", "tx_errors", "rx_drops", "tx_drops",
     "interval_ms", "rx_bps", "tx_bps", "speed_bps", "utilization", "counter_reset",
 )  # fmt: skip
-SampleColumns = tuple[tuple[Any, ...], ...]
+SampleColumns = Sequence[Sequence[Any]]
 
 
 @dataclass(frozen=True, slots=True)
