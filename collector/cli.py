@@ -28,6 +28,9 @@ examples:
   zonewatch-collector bandwidth --since 1h --top 10
   zonewatch-collector bandwidth --agent web-01 --iface eth0 --since 2026-11-27 --until 2026-11-28 --format csv
   zonewatch-collector watch
+  zonewatch-collector traffic --by zone --since 24h
+  zonewatch-collector zones validate /etc/zonewatch/zones.yaml
+  zonewatch-collector zones show /etc/zonewatch/zones.yaml --address 10.10.3.4
 """
 
 
@@ -98,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="policy: interface agents watch (repeatable; default all but loopback)",
     )
+    serve.add_argument(
+        "--zones",
+        type=Path,
+        metavar="FILE",
+        help="zone catalog (YAML) served to agents; reloaded on SIGHUP and when the file changes "
+        "(a broken file is refused with file:line and the previous catalog stays)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     agents = sub.add_parser(
@@ -144,6 +154,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="table: every column (averages, byte totals, resets, last sample); json/csv always have all",
     )
 
+    zones = sub.add_parser(
+        "zones",
+        help="check or show a zone catalog (YAML)",
+        description="The zone catalog names the networks agents' traffic is accounted to: "
+        "extranet (vertical/horizontal), dedicated networks, the internet, classified and local "
+        "zones. See deploy/zones.sample.yaml.",
+    )
+    zones_sub = zones.add_subparsers(
+        dest="zones_command", required=True, metavar="ACTION", help="validate or show"
+    )
+    zv = zones_sub.add_parser(
+        "validate",
+        help="check a catalog; errors name file:line",
+        description="Load the catalog as the collector would; print a summary or the first "
+        "error as FILE:LINE: message and exit 2.",
+    )
+    zv.add_argument("file", type=Path, help="the catalog file")
+    zs = zones_sub.add_parser(
+        "show",
+        help="list the zones of a catalog, or which zone addresses fall in",
+        description="List every zone with its kind, networks and capacity; with --address, "
+        "the zone each address belongs to (longest prefix wins).",
+    )
+    zs.add_argument("file", type=Path, help="the catalog file")
+    zs.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="look up the zone of this address (repeatable)",
+    )
+    _format_arg(zs)
+
     watch = sub.add_parser(
         "watch",
         help="live fleet view (agents and bandwidth), refreshed until Ctrl-C",
@@ -171,6 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = CollectorConfig(
         db_path=args.db,
         listen=args.listen,
+        zones_path=args.zones,
         policy=AgentPolicy(sample_interval_s=args.sample_interval, interfaces=tuple(args.interfaces)),
     )
 
@@ -264,6 +308,62 @@ def cmd_watch(args: argparse.Namespace) -> int:
         time.sleep(args.every)
 
 
+def cmd_traffic(args: argparse.Namespace) -> int:
+    from collector.output import TRAFFIC_COLUMNS, check_range, parse_time, render
+    from collector.store.traffic import traffic
+
+    db = _open(args)
+    now = now_ms()
+    since_ms, until_ms = parse_time(args.since, now), parse_time(args.until, now)
+    check_range(since_ms, until_ms)
+    rows = traffic(
+        db, by=args.by, since_ms=since_ms, until_ms=until_ms, bucket_ms=args.bucket, zone=args.zone
+    )
+    render(rows, args.format, TRAFFIC_COLUMNS, sys.stdout)
+    return 0
+
+
+def cmd_zones(args: argparse.Namespace) -> int:
+    from collector.output import ZONE_COLUMNS, ZONE_LOOKUP_COLUMNS, ZoneLookupRow, ZoneRow, render
+    from collector.zones import load_catalog
+
+    catalog = load_catalog(args.file)
+    if args.zones_command == "validate":
+        kinds: dict[str, int] = {}
+        for zone in catalog.zones:
+            kinds[zone.kind] = kinds.get(zone.kind, 0) + 1
+        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        networks = sum(len(z.networks) for z in catalog.zones)
+        print(
+            f"{args.file}: OK, {len(catalog.zones)} zones ({summary}), {networks} networks, "
+            f"version {catalog.version}"
+        )
+        return 0
+    if args.address:
+        from ipaddress import ip_address
+
+        lookups = []
+        for text in args.address:
+            try:
+                address = ip_address(text)
+            except ValueError:
+                raise CollectorError(f"not an IP address: {text!r}") from None
+            owner = catalog.zone_of(address)
+            lookups.append(
+                ZoneLookupRow(text, owner.name if owner else "unknown", owner.kind if owner else "")
+            )
+        render(lookups, args.format, ZONE_LOOKUP_COLUMNS, sys.stdout)
+        return 0
+    rows = [
+        ZoneRow(
+            z.name, z.kind, z.direction, z.department, ", ".join(map(str, z.networks)), z.capacity_bps, z.line
+        )
+        for z in catalog.zones
+    ]
+    render(rows, args.format, ZONE_COLUMNS, sys.stdout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -271,7 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    handlers = {"serve": cmd_serve, "agents": cmd_agents, "bandwidth": cmd_bandwidth, "watch": cmd_watch}
+    handlers = {
+        "serve": cmd_serve,
+        "agents": cmd_agents,
+        "bandwidth": cmd_bandwidth,
+        "watch": cmd_watch,
+        "zones": cmd_zones,
+        "traffic": cmd_traffic,
+    }
     try:
         return handlers[args.command](args)
     except CollectorError as exc:

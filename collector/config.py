@@ -17,6 +17,10 @@ class CollectorConfig:
     # host:port to listen on; port 0 picks a free one (tests).
     listen: str = DEFAULT_LISTEN
     policy: AgentPolicy = field(default_factory=AgentPolicy)
+    # The zone catalog (YAML) served to agents; reloaded on SIGHUP and when the file changes.
+    zones_path: Path | None = None
+    # How often the catalog file is checked for changes.
+    zones_poll_s: float = 2.0
     # Largest message an agent may send; larger ones end the stream with RESOURCE_EXHAUSTED.
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 20_000

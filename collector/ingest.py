@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
-from collector.model import AgentHello, Settled, ValidBatch
+from collector.model import AgentHello, CatalogRow, Settled, ValidBatch
 from collector.store.process import WriterProcess
 from collector.store.writer import Rejected
 
@@ -83,6 +83,9 @@ class Ingest:
 
     async def register(self, hello: AgentHello, now_ms: int) -> int:
         return int(await self._call(WriterProcess.register_request(hello, now_ms)))
+
+    async def store_catalog(self, zones: list[CatalogRow], version: str, now_ms: int) -> None:
+        await self._call(WriterProcess.catalog_request(zones, version, now_ms))
 
     async def note_policy_version(self, agent_id: str, version: str) -> bool:
         return bool(await self._call(WriterProcess.policy_request(agent_id, version)))

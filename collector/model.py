@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 
@@ -41,6 +41,24 @@ SAMPLE_COLUMNS = (
 SampleColumns = Sequence[Sequence[Any]]
 
 
+# A zone as stored for queries: name, kind, direction, department, networks
+# ("a, b"), capacity_bps.
+CatalogRow = tuple[str, str, str, str, str, int]
+
+
+class ZoneTrafficRow(NamedTuple):
+    time_ms: int
+    zone: str
+    interface: str  # "" = every monitored interface
+    bytes_in: int
+    bytes_out: int
+    packets_in: int
+    packets_out: int
+    window_ms: int
+    method: str  # "nftables" or "capture"
+    sampling_rate: float  # 1.0 = every packet seen
+
+
 @dataclass(frozen=True, slots=True)
 class ValidBatch:
     """A batch that passed validation, ready for the writer."""
@@ -57,6 +75,8 @@ class ValidBatch:
     # Facts of kinds without a table of their own yet (and kinds newer than this
     # collector): kept verbatim as (time_ms, kind, serialized fact), never dropped.
     other_rows: list[tuple[int, str, bytes]]
+    # Zone traffic facts, one ZoneTrafficRow each (a handful per batch: no hot path).
+    zone_rows: list[ZoneTrafficRow] = field(default_factory=list)
 
     @property
     def sample_count(self) -> int:
@@ -64,7 +84,7 @@ class ValidBatch:
 
     @property
     def fact_count(self) -> int:
-        return self.sample_count + len(self.other_rows)
+        return self.sample_count + len(self.other_rows) + len(self.zone_rows)
 
     @staticmethod
     def columns_of(rows: Sequence[Sequence[Any]]) -> SampleColumns:

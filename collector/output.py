@@ -86,10 +86,63 @@ BANDWIDTH_SUMMARY_COLUMNS: tuple[Column, ...] = tuple(
     }
 )  # fmt: skip
 
+
+class ZoneRow(NamedTuple):
+    name: str
+    kind: str
+    direction: str
+    department: str
+    networks: str
+    capacity_bps: int
+    line: int
+
+
+class ZoneLookupRow(NamedTuple):
+    address: str
+    zone: str
+    kind: str
+
+
+ZONE_COLUMNS: tuple[Column, ...] = (
+    Column("name", "zone"),
+    Column("kind", "kind"),
+    Column("direction", "direction"),
+    Column("department", "department"),
+    Column("networks", "networks"),
+    Column("capacity_bps", "capacity", "speed"),
+    Column("line", "line", "int"),
+)
+ZONE_LOOKUP_COLUMNS: tuple[Column, ...] = (
+    Column("address", "address"),
+    Column("zone", "zone"),
+    Column("kind", "kind"),
+)
+
+TRAFFIC_COLUMNS: tuple[Column, ...] = (
+    Column("group", "group"),
+    Column("kind", "kind"),
+    Column("direction", "direction"),
+    Column("agents", "agents", "int"),
+    Column("bytes_in", "in", "bytes"),
+    Column("bytes_out", "out", "bytes"),
+    Column("avg_in_bps", "in avg", "bps"),
+    Column("avg_out_bps", "out avg", "bps"),
+    Column("p95_in_bps", "in p95", "bps"),
+    Column("p95_out_bps", "out p95", "bps"),
+    Column("peak_in_bps", "in peak", "bps"),
+    Column("peak_out_bps", "out peak", "bps"),
+    Column("capacity_bps", "capacity", "speed"),
+    Column("utilization_p95", "load p95", "percent"),
+    Column("utilization_peak", "load peak", "percent"),
+)
+
 _EMPTY = {
     AGENT_COLUMNS: "no agents",
     BANDWIDTH_COLUMNS: "no samples in range",
     BANDWIDTH_SUMMARY_COLUMNS: "no samples in range",
+    ZONE_COLUMNS: "no zones",
+    TRAFFIC_COLUMNS: "no zone traffic in range",
+    ZONE_LOOKUP_COLUMNS: "no addresses",
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 import grpc
@@ -12,6 +14,7 @@ import grpc
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
 from collector.ingest import Ingest
+from collector.policy import PolicySource
 from collector.servicer import AgentService
 
 log = logging.getLogger(__name__)
@@ -20,10 +23,30 @@ log = logging.getLogger(__name__)
 class Collector:
     """A running collector: server, port and ingest, stopped together."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, ingest: Ingest) -> None:
+    def __init__(self, server: grpc.aio.Server, port: int, ingest: Ingest, policy: PolicySource) -> None:
         self.server = server
         self.port = port
         self.ingest = ingest
+        self.policy = policy
+
+    async def store_catalog(self) -> None:
+        """Record the catalog in force in the database, for queries and reports."""
+        catalog = self.policy.catalog
+        if catalog is None:
+            return
+        rows = [
+            (z.name, z.kind, z.direction, z.department, ", ".join(map(str, z.networks)), z.capacity_bps)
+            for z in catalog.zones
+        ]
+        await self.ingest.store_catalog(rows, catalog.version, time.time_ns() // 1_000_000)
+
+    async def reload_zones(self, *, only_if_changed: bool) -> None:
+        changed = self.policy.reload_if_changed() if only_if_changed else self.policy.reload()
+        if changed:
+            try:
+                await self.store_catalog()
+            except CollectorError as exc:
+                log.error("zone catalog in force but not recorded in the database: %s", exc)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking new streams, let in-flight batches commit, close the database."""
@@ -33,6 +56,7 @@ class Collector:
 
 async def create_server(config: CollectorConfig) -> Collector:
     """Start a collector listening on config.listen (port 0 = any free port)."""
+    policy = PolicySource(config.policy, config.zones_path)  # a bad catalog stops us before anything starts
     ingest = Ingest(config.db_path, max_group_facts=config.max_group_facts)
     await ingest.start()
     server = grpc.aio.server(
@@ -45,7 +69,7 @@ async def create_server(config: CollectorConfig) -> Collector:
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((AgentService(ingest, config.policy).handler(),))
+    server.add_generic_rpc_handlers((AgentService(ingest, policy).handler(),))
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as exc:
@@ -55,7 +79,9 @@ async def create_server(config: CollectorConfig) -> Collector:
         await ingest.close()
         raise CollectorError(f"cannot listen on {config.listen} (address in use?)")
     await server.start()
-    return Collector(server, port, ingest)
+    collector = Collector(server, port, ingest, policy)
+    await collector.store_catalog()
+    return collector
 
 
 async def serve(config: CollectorConfig, on_ready: Callable[[Collector], None] | None = None) -> None:
@@ -65,8 +91,24 @@ async def serve(config: CollectorConfig, on_ready: Callable[[Collector], None] |
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    hangup = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, hangup.set)
     if on_ready is not None:
         on_ready(collector)
-    await stop.wait()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_either(stop, hangup), config.zones_poll_s)
+        if not stop.is_set():
+            await collector.reload_zones(only_if_changed=not hangup.is_set())
+            hangup.clear()
     log.info("shutting down: finishing in-flight batches")
     await collector.stop(config.shutdown_grace_s)
+
+
+async def _either(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

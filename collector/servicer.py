@@ -22,8 +22,9 @@ from collector import validate
 from collector.errors import CollectorError, ValidationError
 from collector.ingest import Ingest
 from collector.model import Settled
-from collector.policy import AgentPolicy
+from collector.policy import AgentPolicy, PolicySource
 from collector.store.writer import Rejected
+from collector.zones import ZoneCatalog
 from protos.zonewatch.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,12 @@ def now_ms() -> int:
 
 
 class AgentService:
-    def __init__(self, ingest: Ingest, policy: AgentPolicy, clock_ms: Callable[[], int] = now_ms) -> None:
+    def __init__(self, ingest: Ingest, policy: PolicySource, clock_ms: Callable[[], int] = now_ms) -> None:
         self._ingest = ingest
         self._policy = policy
+        # The serialized answer for the policy in force, built once per version: thousands
+        # of agents ask for the same catalog.
+        self._policy_reply: tuple[str, bytes] = ("", b"")
         self._clock_ms = clock_ms
         self._confirmed: dict[str, str] = {}
 
@@ -87,7 +91,9 @@ class AgentService:
         await context.write(
             agent_pb2.ReportResponse(
                 welcome=agent_pb2.Welcome(
-                    acked_seq=acked, policy_version=self._policy.version, server_time_ms=self._clock_ms()
+                    acked_seq=acked,
+                    policy_version=self._policy.policy.version,
+                    server_time_ms=self._clock_ms(),
                 )
             )
         )
@@ -212,12 +218,13 @@ class AgentService:
 
     async def get_policy(
         self, request: agent_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
-    ) -> agent_pb2.GetPolicyResponse:
+    ) -> bytes:
         try:
             agent_id, current = validate.policy_request(request)
         except ValidationError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        version = self._policy.version
+        policy = self._policy.policy
+        version = policy.version
         if current == version:
             # The agent confirms it runs this version: record it once, not on every poll.
             if agent_id and self._confirmed.get(agent_id) != version:
@@ -226,17 +233,13 @@ class AgentService:
                         self._confirmed[agent_id] = version
                 except CollectorError as exc:
                     log.warning("cannot record policy version: %s", exc)
-            return agent_pb2.GetPolicyResponse(version=version, unchanged=True)
-        p = self._policy
-        return agent_pb2.GetPolicyResponse(
-            version=version,
-            policy=agent_pb2.Policy(
-                sample_interval_s=p.sample_interval_s,
-                interfaces=list(p.interfaces),
-                batch_max_facts=p.batch_max_facts,
-                policy_refresh_s=p.policy_refresh_s,
-            ),
-        )
+            return agent_pb2.GetPolicyResponse(version=version, unchanged=True).SerializeToString()
+        if self._policy_reply[0] != version:
+            reply = agent_pb2.GetPolicyResponse(
+                version=version, policy=policy_message(policy, self._policy.catalog)
+            )
+            self._policy_reply = (version, reply.SerializeToString())
+        return self._policy_reply[1]
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -250,7 +253,38 @@ class AgentService:
                 "GetPolicy": grpc.unary_unary_rpc_method_handler(
                     self.get_policy,
                     request_deserializer=agent_pb2.GetPolicyRequest.FromString,
-                    response_serializer=agent_pb2.GetPolicyResponse.SerializeToString,
+                    response_serializer=None,  # get_policy returns bytes it serialized (and cached)
                 ),
             },
         )
+
+
+def policy_message(policy: AgentPolicy, catalog: ZoneCatalog | None) -> agent_pb2.Policy:
+    """The policy and its zone catalog as the agent receives them."""
+    message = agent_pb2.Policy(
+        sample_interval_s=policy.sample_interval_s,
+        interfaces=list(policy.interfaces),
+        batch_max_facts=policy.batch_max_facts,
+        policy_refresh_s=policy.policy_refresh_s,
+        zones_version=policy.zones_version,
+    )
+    if catalog is None:
+        return message
+    index = {zone.name: i for i, zone in enumerate(catalog.zones, start=1)}
+    for zone in catalog.zones:
+        message.zones.add(
+            name=zone.name,
+            kind=zone.kind,
+            direction=zone.direction,
+            department=zone.department,
+            cidrs=[str(n) for n in zone.networks],
+            capacity_bps=zone.capacity_bps,
+        )
+    for family, width in ((4, 4), (6, 16)):
+        for first, last, owner in catalog.flatten(family):
+            message.zone_ranges.add(
+                first=first.to_bytes(width, "big"),
+                last=last.to_bytes(width, "big"),
+                zone=index[owner.name] if owner is not None else 0,
+            )
+    return message

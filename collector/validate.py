@@ -16,8 +16,8 @@ from typing import Any
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from collector.errors import ValidationError
-from collector.model import MAX_BATCH_SPAN_MS, AgentHello, HostLabels, ValidBatch
-from protos.zonewatch.v1 import agent_pb2
+from collector.model import MAX_BATCH_SPAN_MS, AgentHello, HostLabels, ValidBatch, ZoneTrafficRow
+from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
 INT64_MAX = 2**63 - 1
 # 2000-01-01: anything earlier is a broken clock, not an observation.
@@ -134,6 +134,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     subs = list(map(_sample_of, facts))
     names = list(map(_interface_of, subs))
     others: list[tuple[int, str, bytes]] = []
+    zone_rows: list[ZoneTrafficRow] = []
     # Every fact is an interface sample when every name is set: a fact of another
     # kind reads as an empty sample. So the common case needs no WhichOneof per fact.
     if min(map(len, names)) >= 1:
@@ -148,13 +149,20 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
         for index, (fact, kind) in enumerate(zip(facts, kinds, strict=True)):
             if kind == "interface_sample":
                 continue
+            if kind == "zone_traffic":
+                zone_rows.append(
+                    _zone_traffic(fact.zone_traffic, times[index], f"batch.facts[{index}].zone_traffic")
+                )
+                continue
             if kind is None and not len(UnknownFieldSet(fact)):
                 raise ValidationError(f"batch.facts[{index}]", "has no fact kind set")
             # Kinds without a table yet, and kinds newer than this collector
             # (an unknown oneof member arrives as unknown fields): kept verbatim.
             others.append((times[index], kind or "unknown", fact.SerializeToString()))
         if not subs:
-            return ValidBatch(agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, (), others)
+            return ValidBatch(
+                agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, (), others, zone_rows
+            )
     # One C-level pass per field; lists, not tuples: cheaper to build, and marshal takes both.
     columns: list[Any] = [names, *(list(map(getter, subs)) for getter in _FIELD_GETTERS)]
     counters = columns[_COUNTERS]
@@ -180,7 +188,38 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
             _check_sample(row, f"batch.facts[{position}].interface_sample")
         raise ValidationError("batch.facts", "failed validation")  # the per-sample pass must have named it
     columns.insert(0, sample_times)
-    return ValidBatch(agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others)
+    return ValidBatch(
+        agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows
+    )
+
+
+ACCOUNTING_METHODS = ("nftables", "capture")
+
+
+def _zone_traffic(msg: facts_pb2.ZoneTraffic, time_ms: int, prefix: str) -> ZoneTrafficRow:
+    zone = _text(msg.zone, f"{prefix}.zone", MAX_LABEL_LEN, required=True)
+    interface = _text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN)
+    for name in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
+        if getattr(msg, name) > INT64_MAX:
+            raise ValidationError(
+                f"{prefix}.{name}", f"{getattr(msg, name)} is out of range (at most {INT64_MAX})"
+            )
+    if not 0 < msg.window_ms <= MAX_INTERVAL_MS:
+        raise ValidationError(
+            f"{prefix}.window_ms", f"must be in (0, {MAX_INTERVAL_MS}], got {msg.window_ms}"
+        )
+    if msg.method not in ACCOUNTING_METHODS:
+        raise ValidationError(
+            f"{prefix}.method", f"must be one of {', '.join(ACCOUNTING_METHODS)}, got {msg.method!r}"
+        )
+    # proto3 default 0 means "not stated": exact kernel counters see every packet.
+    rate = msg.sampling_rate or 1.0
+    if not 0.0 < rate <= 1.0:
+        raise ValidationError(f"{prefix}.sampling_rate", f"must be in (0, 1], got {msg.sampling_rate}")
+    return ZoneTrafficRow(
+        time_ms, zone, interface, msg.bytes_in, msg.bytes_out, msg.packets_in, msg.packets_out,
+        msg.window_ms, msg.method, rate,
+    )  # fmt: skip
 
 
 def _check_time(value: int, field: str, latest: int) -> None:

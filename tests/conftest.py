@@ -125,6 +125,27 @@ def cli_json(program: str, *args: str) -> list[dict[str, object]]:
     return json.loads(run_cli(program, *args, "--format", "json").stdout)  # type: ignore[no-any-return]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config.stash[_NETNS_TESTS] = {item.nodeid for item in items if item.get_closest_marker("netns")}
+
+
+_NETNS_TESTS = pytest.StashKey[set[str]]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI (root, packages installed by .ci/run) a skipped test-network test means something is broken."""
+    if not os.environ.get("CI"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    netns = session.config.stash.get(_NETNS_TESTS, set())
+    skipped = [r.nodeid for r in (reporter.stats.get("skipped", []) if reporter else []) if r.nodeid in netns]
+    if skipped:
+        print(f"\nCI: {len(skipped)} test-network test(s) skipped; they must run in CI:", file=sys.stderr)
+        for nodeid in skipped:
+            print(f"  {nodeid}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture
 def collector(tmp_path: Path) -> Iterator[Collector]:
     c = Collector(tmp_path / "collector.db")

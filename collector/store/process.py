@@ -21,22 +21,28 @@ from pathlib import Path
 from typing import Any
 
 from collector.errors import CollectorError, StoreError
-from collector.model import AgentHello, HostLabels, Settled, ValidBatch
+from collector.model import AgentHello, CatalogRow, HostLabels, Settled, ValidBatch, ZoneTrafficRow
 from collector.store.database import open_database
 from collector.store.writer import Rejected, Writer
 
 _BATCH_FIELDS = tuple(f.name for f in fields(ValidBatch))
+_ZONE_ROWS = _BATCH_FIELDS.index("zone_rows")
 
 
 def _encode_item(item: ValidBatch | Rejected) -> tuple[Any, ...]:
     if isinstance(item, ValidBatch):
-        return ("B", *(getattr(item, name) for name in _BATCH_FIELDS))
+        # marshal takes plain tuples only, not NamedTuples.
+        values = [getattr(item, name) for name in _BATCH_FIELDS]
+        values[_ZONE_ROWS] = [tuple(row) for row in item.zone_rows]
+        return ("B", *values)
     return ("R", *item)
 
 
 def _decode_item(data: tuple[Any, ...]) -> ValidBatch | Rejected:
     if data[0] == "B":
-        return ValidBatch(*data[1:])
+        values = list(data[1:])
+        values[_ZONE_ROWS] = [ZoneTrafficRow(*row) for row in values[_ZONE_ROWS]]
+        return ValidBatch(*values)
     return Rejected(*data[1:])
 
 
@@ -77,6 +83,9 @@ def _serve(conn: Connection, db_path: str) -> None:
                         fields[0], fields[1], fields[2], HostLabels(*fields[3]), fields[4], fields[5]
                     )
                     reply("ok", writer.register(hello, now_ms))
+                elif op == "catalog":
+                    writer.store_catalog(*args)
+                    reply("ok", None)
                 elif op == "policy":
                     reply("ok", writer.note_policy_version(*args))
                 elif op == "close":
@@ -144,6 +153,10 @@ class WriterProcess:
     @staticmethod
     def register_request(hello: AgentHello, now_ms: int) -> tuple[Any, ...]:
         return ("register", (*hello[:3], tuple(hello.labels), *hello[4:]), now_ms)
+
+    @staticmethod
+    def catalog_request(zones: list[CatalogRow], version: str, now_ms: int) -> tuple[Any, ...]:
+        return ("catalog", zones, version, now_ms)
 
     @staticmethod
     def policy_request(agent_id: str, version: str) -> tuple[Any, ...]:

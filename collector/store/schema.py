@@ -109,9 +109,44 @@ CREATE TABLE sequence_gaps (
 );
 """
 
+ZONES = """
+-- Bytes per zone per reporting window, as the agent's kernel counters (or its
+-- capture fallback, scaled by sampling_rate) measured them. A handful of rows
+-- per batch: plain indexes are cheap here.
+CREATE TABLE zone_traffic (
+    agent INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    zone TEXT NOT NULL,
+    interface TEXT NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    packets_in INTEGER NOT NULL,
+    packets_out INTEGER NOT NULL,
+    window_ms INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    sampling_rate REAL NOT NULL
+);
+CREATE INDEX zone_traffic_by_time ON zone_traffic (time_ms);
+CREATE INDEX zone_traffic_by_agent ON zone_traffic (agent, time_ms);
+-- The catalog in force, as the collector last loaded it: queries and reports
+-- need capacities and kinds without reading the YAML file.
+CREATE TABLE zones (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    department TEXT NOT NULL,
+    networks TEXT NOT NULL,
+    capacity_bps INTEGER NOT NULL,
+    catalog_version TEXT NOT NULL,
+    loaded_ms INTEGER NOT NULL
+);
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
+    ("zone traffic and the zone catalog", ZONES),
 ]
 
 

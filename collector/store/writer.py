@@ -12,7 +12,7 @@ from itertools import count, repeat
 from typing import NamedTuple
 
 from collector.errors import StoreError
-from collector.model import AgentHello, Settled, ValidBatch
+from collector.model import AgentHello, CatalogRow, Settled, ValidBatch
 
 
 class Rejected(NamedTuple):
@@ -28,6 +28,7 @@ class Rejected(NamedTuple):
 
 
 _INSERT_SAMPLES = "INSERT INTO interface_samples VALUES (" + ", ".join("?" * 19) + ")"
+_INSERT_ZONE_TRAFFIC = "INSERT INTO zone_traffic VALUES (" + ", ".join("?" * 12) + ")"
 _INSERT_BATCHES = "INSERT INTO batches VALUES (" + ", ".join("?" * 10) + ")"
 
 
@@ -98,6 +99,18 @@ class Writer:
             raise StoreError(f"cannot register agent {hello.agent_id}: {exc}") from exc
         return self._agents[hello.agent_id].last_seq
 
+    def store_catalog(self, zones: list[CatalogRow], version: str, now_ms: int) -> None:
+        """Replace the stored zone catalog with these rows."""
+        try:
+            with self._transaction():
+                self._db.execute("DELETE FROM zones")
+                self._db.executemany(
+                    "INSERT INTO zones VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*zone, version, now_ms) for zone in zones],
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot store the zone catalog: {exc}") from exc
+
     def note_policy_version(self, agent_id: str, version: str) -> bool:
         """Record the policy version an agent says it runs; False for an unknown agent."""
         if agent_id not in self._agents:
@@ -121,6 +134,7 @@ class Writer:
         outcomes: list[Settled | Rejected] = []
         samples: list[tuple[object, ...]] = []
         others: list[tuple[object, ...]] = []
+        zone_rows: list[tuple[object, ...]] = []
         batch_rows: list[tuple[object, ...]] = []
         gaps: list[tuple[int, int, int, int]] = []
         refused: list[Rejected] = []
@@ -205,6 +219,7 @@ class Writer:
                  item.first_ms, item.last_ms, first_sample, last_sample)
             )  # fmt: skip
             others.extend([(key, seq, *row) for row in item.other_rows])
+            zone_rows.extend([(key, seq, *row) for row in item.zone_rows])
             settled_now.add((item.agent_id, seq))
             seen[item.agent_id] = (seq, item.received_ms, item.sent_ms - item.received_ms)
             outcomes.append(Settled(seq, False, gap_from, gap_to))
@@ -222,6 +237,8 @@ class Writer:
                     db.executemany(_INSERT_SAMPLES, samples)
                 if others:
                     db.executemany("INSERT INTO other_facts VALUES (?, ?, ?, ?, ?)", others)
+                if zone_rows:
+                    db.executemany(_INSERT_ZONE_TRAFFIC, zone_rows)
                 if gaps:
                     db.executemany("INSERT INTO sequence_gaps VALUES (?, ?, ?, ?)", gaps)
                 if refused:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -257,3 +258,42 @@ def test_get_policy_validates_its_request(server: Collector, agent_id: str, vers
     channel.close()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (info.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"zone": ""}, "zone"),
+        ({"method": "guesswork"}, "method"),
+        ({"window_ms": 0}, "window_ms"),
+        ({"sampling_rate": 1.5}, "sampling_rate"),
+        ({"bytes_in": 2**63}, "bytes_in"),
+    ],
+)
+def test_invalid_zone_traffic(server: Collector, change: dict[str, Any], field: str) -> None:
+    stream = Stream(server.target, f"zt-{field}")
+    t = now_ms()
+    msg = batch_request(1, t, t, [sample()])
+    values = {"zone": "公安专网", "bytes_in": 10, "bytes_out": 20, "window_ms": 10_000, "method": "nftables"}
+    values.update(change)
+    msg.batch.facts.append(facts_pb2.Fact(time_ms=t, zone_traffic=facts_pb2.ZoneTraffic(**values)))
+    reply = stream.send(msg.SerializeToString())
+    assert reply.WhichOneof("body") == "rejection"
+    assert reply.rejection.field == f"batch.facts[1].zone_traffic.{field}"
+    stream.close()
+
+
+def test_zone_traffic_is_stored(server: Collector) -> None:
+    stream = Stream(server.target, "zt-good")
+    t = now_ms()
+    msg = batch_request(1, t, t, [sample()])
+    zt = facts_pb2.ZoneTraffic(
+        zone="公安专网", bytes_in=10, bytes_out=20, window_ms=10_000, method="nftables"
+    )
+    msg.batch.facts.append(facts_pb2.Fact(time_ms=t, zone_traffic=zt))
+    assert stream.send(msg.SerializeToString()).ack.acked_seq == 1
+    stream.close()
+    con = sqlite3.connect(server.db)
+    rows = con.execute("SELECT zone, bytes_in, bytes_out, method, sampling_rate FROM zone_traffic").fetchall()
+    con.close()
+    assert ("公安专网", 10, 20, "nftables", 1.0) in rows

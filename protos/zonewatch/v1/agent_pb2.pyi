@@ -101,17 +101,49 @@ class GetPolicyRequest(_message.Message):
     current_version: str
     def __init__(self, agent_id: _Optional[str] = ..., current_version: _Optional[str] = ...) -> None: ...
 
+class Zone(_message.Message):
+    __slots__ = ("name", "kind", "direction", "department", "cidrs", "capacity_bps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    CIDRS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    direction: str
+    department: str
+    cidrs: _containers.RepeatedScalarFieldContainer[str]
+    capacity_bps: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., direction: _Optional[str] = ..., department: _Optional[str] = ..., cidrs: _Optional[_Iterable[str]] = ..., capacity_bps: _Optional[int] = ...) -> None: ...
+
+class ZoneRange(_message.Message):
+    __slots__ = ("first", "last", "zone")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    first: bytes
+    last: bytes
+    zone: int
+    def __init__(self, first: _Optional[bytes] = ..., last: _Optional[bytes] = ..., zone: _Optional[int] = ...) -> None: ...
+
 class Policy(_message.Message):
-    __slots__ = ("sample_interval_s", "interfaces", "batch_max_facts", "policy_refresh_s")
+    __slots__ = ("sample_interval_s", "interfaces", "batch_max_facts", "policy_refresh_s", "zones", "zone_ranges", "zones_version")
     SAMPLE_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
     BATCH_MAX_FACTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_REFRESH_S_FIELD_NUMBER: _ClassVar[int]
+    ZONES_FIELD_NUMBER: _ClassVar[int]
+    ZONE_RANGES_FIELD_NUMBER: _ClassVar[int]
+    ZONES_VERSION_FIELD_NUMBER: _ClassVar[int]
     sample_interval_s: int
     interfaces: _containers.RepeatedScalarFieldContainer[str]
     batch_max_facts: int
     policy_refresh_s: int
-    def __init__(self, sample_interval_s: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., batch_max_facts: _Optional[int] = ..., policy_refresh_s: _Optional[int] = ...) -> None: ...
+    zones: _containers.RepeatedCompositeFieldContainer[Zone]
+    zone_ranges: _containers.RepeatedCompositeFieldContainer[ZoneRange]
+    zones_version: str
+    def __init__(self, sample_interval_s: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., batch_max_facts: _Optional[int] = ..., policy_refresh_s: _Optional[int] = ..., zones: _Optional[_Iterable[_Union[Zone, _Mapping]]] = ..., zone_ranges: _Optional[_Iterable[_Union[ZoneRange, _Mapping]]] = ..., zones_version: _Optional[str] = ...) -> None: ...
 
 class GetPolicyResponse(_message.Message):
     __slots__ = ("version", "unchanged", "policy")
