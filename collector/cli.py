@@ -65,6 +65,13 @@ def _duration(text: str) -> int:
     return int(value * scale)
 
 
+def _range_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--since", default="1h", help="start: 15m, 2h, 7d, 2026-11-28 or 2026-11-28T07:00 (default 1h)"
+    )
+    parser.add_argument("--until", default="now", help="end, same forms (default now)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zonewatch-collector",
@@ -143,15 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
     _format_arg(bw)
     bw.add_argument("--agent", help="agent id, id prefix (4+ chars) or hostname")
     bw.add_argument("--iface", help="interface name")
-    bw.add_argument(
-        "--since", default="1h", help="start: 15m, 2h, 7d, 2026-11-28 or 2026-11-28T07:00 (default 1h)"
-    )
-    bw.add_argument("--until", default="now", help="end, same forms (default now)")
+    _range_args(bw)
     bw.add_argument("--top", type=int, help="only the N busiest interfaces")
     bw.add_argument(
         "--wide",
         action="store_true",
         help="table: every column (averages, byte totals, resets, last sample); json/csv always have all",
+    )
+
+    tr = sub.add_parser(
+        "traffic",
+        help="bytes and load per zone, department, county or agent",
+        description="Traffic exchanged with each zone as the agents' kernel counters measured it, summed "
+        "over "
+        "the fleet per time bucket: total bytes, average, p95 and peak bit rates each way, and, by zone, the "
+        "load of the zone's link against its capacity (the vertical and horizontal extranet links).",
+    )
+    _db_arg(tr)
+    _format_arg(tr)
+    tr.add_argument(
+        "--by",
+        choices=("zone", "department", "county", "agent"),
+        default="zone",
+        help="what to group by (default zone)",
+    )
+    tr.add_argument("--zone", help="only traffic with this zone")
+    _range_args(tr)
+    tr.add_argument(
+        "--bucket",
+        type=_duration,
+        default=60_000,
+        metavar="DURATION",
+        help="rates are computed per bucket of this length (default 1m)",
     )
 
     zones = sub.add_parser(
