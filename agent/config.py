@@ -34,6 +34,9 @@ class AgentConfig:
     role: str = ""
     hostname: str = field(default_factory=lambda: os.uname().nodename)
     spool_max_bytes: int = 256 * 1024 * 1024
+    # Count bytes per zone with nftables (a table of our own, removed on exit) once the
+    # collector sends a zone catalog. Needs CAP_NET_ADMIN.
+    zone_accounting: bool = True
     # Batches sent ahead of their acks on one stream.
     window: int = 32
     # A stream whose oldest unacked batch waits longer than this is torn down and retried.
@@ -55,6 +58,7 @@ _FILE_KEYS = {
     "interfaces": list,
     "hostname": str,
     "spool_max_mb": int,
+    "zone_accounting": bool,
 }
 
 
@@ -115,7 +119,7 @@ def _read_file(path: Path) -> dict[str, Any]:
                 f"{path}: unknown key {key!r} (known: {', '.join(sorted(_FILE_KEYS))}, [labels])"
             )
         # bool is an int to Python, never a number or a name to an admin.
-        if not isinstance(value, expected) or isinstance(value, bool):  # type: ignore[arg-type]
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):  # type: ignore[arg-type]
             raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
         if key == "interfaces" and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: interfaces must be a list of interface names (strings)")

@@ -7,15 +7,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.errors import AgentError, TransportError
+from agent.errors import AgentError, SensorError, TransportError
+from agent.health import Health, SelfMonitor
 from agent.identity import load_or_create_agent_id
+from agent.policy import PolicyUpdate
+from agent.sensors.accounting import NftAccountant, ZoneDelta, ZoneTrafficSampler
 from agent.sensors.interfaces import InterfaceSample, InterfaceSampler
 from agent.spool import Spool
-from agent.transport import PolicyUpdate, Transport
-from agent.wire import batch_request, hello_request
+from agent.transport import Transport
+from agent.wire import batch_request, health_fact, hello_request, zone_traffic_fact
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,17 @@ class Agent:
         self.interval_s = config.interval_s
         self.policy_version = ""
         self._policy_refresh_s = 60.0
+        self._monitor = SelfMonitor()
+        # What each sensor is doing, reported with every batch: nothing is off silently.
+        self.sensors: dict[str, str] = {"interfaces": "on"}
+        self._zones_version = ""
+        self._zone_sampler: ZoneTrafficSampler | None = None
+        self.accountant: NftAccountant | None = None
+        if config.zone_accounting:
+            self.accountant = NftAccountant()
+            self.sensors["zone_accounting"] = "waiting for a zone catalog from the collector"
+        else:
+            self.sensors["zone_accounting"] = "off: disabled in the agent's configuration"
         self.transport = Transport(
             config.collector,
             self.spool,
@@ -55,16 +70,34 @@ class Agent:
         )
         return request.SerializeToString()
 
-    def sample_once(self) -> list[InterfaceSample]:
-        return self._sampler.sample()
-
-    def spool_samples(self, samples: list[InterfaceSample]) -> int:
-        """Put one batch of samples (and any unreported spool loss) into the spool; return its seq."""
+    def tick(self) -> int:
+        """Sample every sensor once and spool what they saw as one batch; return its seq."""
+        samples = self._sampler.sample()
         time_ms = self._clock_ms()
+        extra = [zone_traffic_fact(delta, time_ms) for delta in self._zone_deltas()]
+        extra.append(health_fact(self._health(), time_ms))
+        return self.spool_batch(samples, extra, time_ms)
+
+    def _zone_deltas(self) -> list[ZoneDelta]:
+        if self._zone_sampler is None:
+            return []
+        try:
+            return self._zone_sampler.sample()
+        except SensorError as exc:
+            self.sensors["zone_accounting"] = f"off: {exc}"
+            return []
+
+    def _health(self) -> Health:
+        cpu, rss = self._monitor.cpu_and_rss()
+        spool = self.spool.stats()
+        return Health(cpu, rss, spool.bytes, spool.batches, self.policy_version, dict(self.sensors))
+
+    def spool_batch(self, samples: list[InterfaceSample], extra: list[Any], time_ms: int) -> int:
+        """Put one batch (and any unreported spool loss) into the spool; return its seq."""
         dropped = self.spool.take_drop_report()
 
         def build(seq: int) -> tuple[bytes, int, int, int]:
-            request = batch_request(seq, time_ms, time_ms, samples, dropped)
+            request = batch_request(seq, time_ms, time_ms, samples, dropped, extra)
             return request.SerializeToString(), len(request.batch.facts), time_ms, time_ms
 
         seq = self.spool.append(build)
@@ -92,10 +125,16 @@ class Agent:
                     await task
             await self.transport.close()
             self.spool.close()
+            if self.accountant is not None and self._zone_sampler is not None:
+                try:
+                    self.accountant.remove()  # leave the host's ruleset as we found it
+                except SensorError as exc:
+                    log.error("could not remove the zone accounting table: %s", exc)
 
     async def _sample_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         self._sampler.sample()  # prime the counters
+        self._zone_deltas()
         next_at = loop.time() + self.interval_s
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -106,12 +145,10 @@ class Agent:
             next_at += self.interval_s
             if next_at < loop.time():
                 next_at = loop.time() + self.interval_s
-            samples = self._sampler.sample()
-            if samples:
-                try:
-                    self.spool_samples(samples)
-                except AgentError as exc:
-                    log.error("cannot spool samples: %s", exc)
+            try:
+                self.tick()
+            except AgentError as exc:
+                log.error("cannot spool this interval's facts: %s", exc)
 
     async def _policy_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -132,5 +169,32 @@ class Agent:
         if update.policy_refresh_s > 0:
             self._policy_refresh_s = float(update.policy_refresh_s)
         self._sampler.set_interfaces(update.interfaces)
+        if update.zones_version != self._zones_version:
+            self._apply_zones(update)
         self.policy_version = update.version
         log.info("policy %s applied: interval %.0f s", update.version, self.interval_s)
+
+    def _apply_zones(self, update: PolicyUpdate) -> None:
+        self._zones_version = update.zones_version
+        if self.accountant is None:
+            return
+        if not update.zones:
+            self.sensors["zone_accounting"] = "waiting for a zone catalog from the collector"
+            return
+        available, why = self.accountant.available()
+        if not available:
+            self.sensors["zone_accounting"] = f"off: {why}"
+            log.error("zone accounting off: %s", why)
+            return
+        try:
+            self.accountant.apply(update.zones)
+        except SensorError as exc:
+            self.sensors["zone_accounting"] = f"off: {exc}"
+            log.error("zone accounting off: %s", exc)
+            return
+        if self._zone_sampler is None:
+            self._zone_sampler = ZoneTrafficSampler(self.accountant.read)
+            self._zone_sampler.sample()  # prime: counting starts now
+        self.sensors["zone_accounting"] = (
+            f"on: nftables, {len(update.zones)} zones, catalog {update.zones_version}"
+        )

@@ -16,14 +16,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import grpc
 
 from agent.backoff import Backoff
 from agent.errors import TransportError
+from agent.policy import PolicyUpdate
 from agent.spool import Spool
-from agent.wire import POLICY_METHOD, REPORT_METHOD, parse_response, renumber_payload
+from agent.wire import POLICY_METHOD, REPORT_METHOD, parse_response, policy_update, renumber_payload
 from protos.zonewatch.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
-
-
-class PolicyUpdate(NamedTuple):
-    version: str
-    sample_interval_s: int
-    interfaces: tuple[str, ...]
-    batch_max_facts: int
-    policy_refresh_s: int
 
 
 class TransportStats:
@@ -234,7 +226,7 @@ class Transport:
             raise TransportError(f"GetPolicy: {exc.code().name}: {exc.details()}") from exc
         if response.unchanged:
             return None
-        p = response.policy
-        return PolicyUpdate(
-            response.version, p.sample_interval_s, tuple(p.interfaces), p.batch_max_facts, p.policy_refresh_s
-        )
+        try:
+            return policy_update(response)
+        except ValueError as exc:
+            raise TransportError(f"GetPolicy: the collector sent a policy we cannot use: {exc}") from exc

@@ -8,6 +8,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from agent.health import Health
+from agent.policy import PolicyUpdate, zones_from_ranges
+from agent.sensors.accounting import ZoneDelta
 from agent.sensors.interfaces import InterfaceSample
 from agent.spool import DropReport
 from protos.zonewatch.v1 import agent_pb2, facts_pb2
@@ -37,6 +40,7 @@ def batch_request(
     time_ms: int,
     samples: Sequence[InterfaceSample],
     dropped: DropReport | None = None,
+    extra: Sequence[facts_pb2.Fact] = (),
 ) -> agent_pb2.ReportRequest:
     facts = [
         facts_pb2.Fact(time_ms=time_ms, interface_sample=facts_pb2.InterfaceSample(**s._asdict()))
@@ -56,7 +60,58 @@ def batch_request(
                 ),
             )
         )
+    facts.extend(extra)
     return agent_pb2.ReportRequest(batch=agent_pb2.Batch(seq=seq, sent_ms=sent_ms, facts=facts))
+
+
+def policy_update(response: agent_pb2.GetPolicyResponse) -> PolicyUpdate:
+    """The policy as the agent's own record; ValueError when it is inconsistent."""
+    p = response.policy
+    ranges = []
+    for r in p.zone_ranges:
+        if len(r.first) not in (4, 16) or len(r.last) != len(r.first):
+            raise ValueError("a zone range is neither IPv4 nor IPv6")
+        family = 4 if len(r.first) == 4 else 6
+        ranges.append((family, int.from_bytes(r.first, "big"), int.from_bytes(r.last, "big"), r.zone))
+    return PolicyUpdate(
+        version=response.version,
+        sample_interval_s=p.sample_interval_s,
+        interfaces=tuple(p.interfaces),
+        batch_max_facts=p.batch_max_facts,
+        policy_refresh_s=p.policy_refresh_s,
+        zones_version=p.zones_version,
+        zones=zones_from_ranges([z.name for z in p.zones], ranges),
+    )
+
+
+def zone_traffic_fact(delta: ZoneDelta, time_ms: int) -> facts_pb2.Fact:
+    return facts_pb2.Fact(
+        time_ms=time_ms,
+        zone_traffic=facts_pb2.ZoneTraffic(
+            zone=delta.zone,
+            bytes_in=delta.bytes_in,
+            bytes_out=delta.bytes_out,
+            packets_in=delta.packets_in,
+            packets_out=delta.packets_out,
+            window_ms=max(1, delta.interval_ms),
+            method="nftables",
+            sampling_rate=1.0,
+        ),
+    )
+
+
+def health_fact(health: Health, time_ms: int) -> facts_pb2.Fact:
+    return facts_pb2.Fact(
+        time_ms=time_ms,
+        agent_health=facts_pb2.AgentHealth(
+            cpu_percent=health.cpu_percent,
+            rss_bytes=health.rss_bytes,
+            spool_bytes=health.spool_bytes,
+            spool_batches=health.spool_batches,
+            policy_version=health.policy_version,
+            sensor_status=dict(health.sensors),
+        ),
+    )
 
 
 def renumber_payload(payload: bytes, seq: int) -> bytes:

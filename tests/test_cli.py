@@ -139,14 +139,23 @@ def test_database_is_wal(db: Path) -> None:
 def test_traffic_and_zones_commands(db: Path, tmp_path: Path) -> None:
     empty = run_cli("zonewatch-collector", "traffic", "--db", str(db)).stdout
     assert "no zone traffic in range" in empty
-    assert json.loads(run_cli("zonewatch-collector", "traffic", "--db", str(db), "--format", "json").stdout) == []
+    assert (
+        json.loads(run_cli("zonewatch-collector", "traffic", "--db", str(db), "--format", "json").stdout)
+        == []
+    )
     sample = Path(__file__).resolve().parent.parent / "deploy" / "zones.sample.yaml"
     assert "OK, 8 zones" in run_cli("zonewatch-collector", "zones", "validate", str(sample)).stdout
-    shown = json.loads(run_cli("zonewatch-collector", "zones", "show", str(sample), "--format", "json").stdout)
+    shown = json.loads(
+        run_cli("zonewatch-collector", "zones", "show", str(sample), "--format", "json").stdout
+    )
     assert {z["kind"] for z in shown} == {"extranet", "dedicated", "internet", "classified", "local"}
     broken = tmp_path / "zones.yaml"
-    broken.write_text("zones:\n  - name: 外网\n    kind: extranet\n    cidrs: [10.0.0.0/8]\n", encoding="utf-8")
+    broken.write_text(
+        "zones:\n  - name: 外网\n    kind: extranet\n    cidrs: [10.0.0.0/8]\n", encoding="utf-8"
+    )
     error = one_line_error(run_cli("zonewatch-collector", "zones", "validate", str(broken), check=False))
     assert f"{broken}:2:" in error
-    bad_address = run_cli("zonewatch-collector", "zones", "show", str(sample), "--address", "not-ip", check=False)
+    bad_address = run_cli(
+        "zonewatch-collector", "zones", "show", str(sample), "--address", "not-ip", check=False
+    )
     assert "not an IP address" in one_line_error(bad_address)

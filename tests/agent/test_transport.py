@@ -20,9 +20,10 @@ import pytest
 
 from agent.backoff import Backoff
 from agent.errors import TransportError
+from agent.policy import PolicyUpdate
 from agent.sensors.interfaces import InterfaceSample
 from agent.spool import Spool
-from agent.transport import PolicyUpdate, Transport
+from agent.transport import Transport
 from agent.wire import batch_request, hello_request
 from collector.config import CollectorConfig
 from collector.policy import AgentPolicy

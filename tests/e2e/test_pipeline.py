@@ -114,10 +114,15 @@ def test_collector_restart_loses_and_duplicates_nothing(tmp_path: Path, how: int
     assert set(seqs) | unacked == produced
     assert not set(seqs) & unacked or stats.batches == len(unacked)
     con = sqlite3.connect(db)
-    (samples,) = con.execute("SELECT count(*) FROM interface_samples").fetchone()
+    (samples,) = con.execute(
+        "SELECT (SELECT count(*) FROM interface_samples) + (SELECT count(*) FROM other_facts)"
+        " + (SELECT count(*) FROM zone_traffic)"
+    ).fetchone()
+    (health,) = con.execute("SELECT count(*) FROM other_facts WHERE kind = 'agent_health'").fetchone()
     (gaps,) = con.execute("SELECT count(*) FROM sequence_gaps").fetchone()
     con.close()
-    assert samples == sum(facts for _, facts in batches)
+    assert samples == sum(facts for _, facts in batches), "every fact of every stored batch is stored once"
+    assert health == len(batches), "every batch reports the agent's health"
     assert gaps == 0
 
 
