@@ -34,6 +34,7 @@ class Agent:
         config: AgentConfig,
         *,
         sampler: InterfaceSampler | None = None,
+        accountant: NftAccountant | None = None,
         clock_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self.config = config
@@ -51,7 +52,7 @@ class Agent:
         self._zone_sampler: ZoneTrafficSampler | None = None
         self.accountant: NftAccountant | None = None
         if config.zone_accounting:
-            self.accountant = NftAccountant()
+            self.accountant = accountant or NftAccountant()
             self.sensors["zone_accounting"] = "waiting for a zone catalog from the collector"
         else:
             self.sensors["zone_accounting"] = "off: disabled in the agent's configuration"
