@@ -160,8 +160,11 @@ class Agent:
                     continue  # ask again at once: that confirms to the collector what we now run
             except TransportError as exc:
                 log.debug("policy not refreshed: %s", exc)
+            # Poll slowly, but wake at once when an ack says the collector's policy changed.
+            self.transport.policy_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._policy_refresh_s)
+                # (stop needs no watching here: run() cancels this task when it is set)
+                await asyncio.wait_for(self.transport.policy_changed.wait(), self._policy_refresh_s)
 
     def apply_policy(self, update: PolicyUpdate) -> None:
         """Take a new policy without restart; the next hello reports its version."""
@@ -172,7 +175,7 @@ class Agent:
         self._sampler.set_interfaces(update.interfaces)
         if update.zones_version != self._zones_version:
             self._apply_zones(update)
-        self.policy_version = update.version
+        self.policy_version = self.transport.policy_version = update.version
         log.info("policy %s applied: interval %.0f s", update.version, self.interval_s)
 
     def _apply_zones(self, update: PolicyUpdate) -> None:

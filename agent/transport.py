@@ -74,6 +74,9 @@ class Transport:
         self._backoff = backoff or Backoff()
         self._monotonic = monotonic
         self._wake = asyncio.Event()
+        # Set when the collector's policy version differs from ours: the policy loop wakes on it.
+        self.policy_changed = asyncio.Event()
+        self.policy_version = ""
         self._channel: grpc.aio.Channel | None = None
         self.stats = TransportStats()
 
@@ -190,6 +193,9 @@ class Transport:
             kind = response.WhichOneof("body")
             if kind == "ack":
                 acked = response.ack.acked_seq
+                served = response.ack.policy_version
+                if served and served != self.policy_version:
+                    self.policy_changed.set()
                 self._spool.acknowledge(acked)
                 self.stats.acked_seq = max(self.stats.acked_seq, acked)
                 for seq in [s for s in inflight if s <= acked]:

@@ -204,7 +204,11 @@ class AgentService:
                 )
             else:
                 reply = agent_pb2.ReportResponse(
-                    ack=agent_pb2.Ack(acked_seq=outcome.acked_seq, duplicate=outcome.duplicate)
+                    ack=agent_pb2.Ack(
+                        acked_seq=outcome.acked_seq,
+                        duplicate=outcome.duplicate,
+                        policy_version=self._policy.policy.version,
+                    )
                 )
             try:
                 await context.write(reply)

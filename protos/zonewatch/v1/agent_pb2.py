@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.zonewatch.v1 import facts_pb2 as protos_dot_zonewatch_dot_v1_dot_facts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/zonewatch/v1/agent.proto\x12\x0czonewatch.v1\x1a\x1fprotos/zonewatch/v1/facts.proto\"L\n\nHostLabels\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x0e\n\x06\x63ounty\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\x95\x01\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12(\n\x06labels\x18\x04 \x01(\x0b\x32\x18.zonewatch.v1.HostLabels\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0f\n\x07time_ms\x18\x06 \x01(\x03\"H\n\x05\x42\x61tch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07sent_ms\x18\x02 \x01(\x03\x12!\n\x05\x66\x61\x63ts\x18\x03 \x03(\x0b\x32\x12.zonewatch.v1.Fact\"c\n\rReportRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.zonewatch.v1.HelloH\x00\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.zonewatch.v1.BatchH\x00\x42\x06\n\x04\x62ody\"L\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"+\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"F\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x92\x01\n\x0eReportResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.zonewatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.zonewatch.v1.AckH\x00\x12,\n\trejection\x18\x03 \x01(\x0b\x32\x17.zonewatch.v1.RejectionH\x00\x42\x06\n\x04\x62ody\"=\n\x10GetPolicyRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"n\n\x04Zone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\x12\r\n\x05\x63idrs\x18\x05 \x03(\t\x12\x14\n\x0c\x63\x61pacity_bps\x18\x06 \x01(\x04\"6\n\tZoneRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x0c\x12\x0c\n\x04zone\x18\x03 \x01(\r\"\xd2\x01\n\x06Policy\x12\x19\n\x11sample_interval_s\x18\x01 \x01(\r\x12\x12\n\ninterfaces\x18\x02 \x03(\t\x12\x17\n\x0f\x62\x61tch_max_facts\x18\x03 \x01(\r\x12\x18\n\x10policy_refresh_s\x18\x04 \x01(\r\x12!\n\x05zones\x18\x05 \x03(\x0b\x32\x12.zonewatch.v1.Zone\x12,\n\x0bzone_ranges\x18\x06 \x03(\x0b\x32\x17.zonewatch.v1.ZoneRange\x12\x15\n\rzones_version\x18\x07 \x01(\t\"]\n\x11GetPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12$\n\x06policy\x18\x03 \x01(\x0b\x32\x14.zonewatch.v1.Policy2\xa5\x01\n\x0c\x41gentService\x12G\n\x06Report\x12\x1b.zonewatch.v1.ReportRequest\x1a\x1c.zonewatch.v1.ReportResponse(\x01\x30\x01\x12L\n\tGetPolicy\x12\x1e.zonewatch.v1.GetPolicyRequest\x1a\x1f.zonewatch.v1.GetPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/zonewatch/v1/agent.proto\x12\x0czonewatch.v1\x1a\x1fprotos/zonewatch/v1/facts.proto\"L\n\nHostLabels\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x0e\n\x06\x63ounty\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\x95\x01\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12(\n\x06labels\x18\x04 \x01(\x0b\x32\x18.zonewatch.v1.HostLabels\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0f\n\x07time_ms\x18\x06 \x01(\x03\"H\n\x05\x42\x61tch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07sent_ms\x18\x02 \x01(\x03\x12!\n\x05\x66\x61\x63ts\x18\x03 \x03(\x0b\x32\x12.zonewatch.v1.Fact\"c\n\rReportRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.zonewatch.v1.HelloH\x00\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.zonewatch.v1.BatchH\x00\x42\x06\n\x04\x62ody\"L\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"C\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\"F\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x92\x01\n\x0eReportResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.zonewatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.zonewatch.v1.AckH\x00\x12,\n\trejection\x18\x03 \x01(\x0b\x32\x17.zonewatch.v1.RejectionH\x00\x42\x06\n\x04\x62ody\"=\n\x10GetPolicyRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"n\n\x04Zone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\x12\r\n\x05\x63idrs\x18\x05 \x03(\t\x12\x14\n\x0c\x63\x61pacity_bps\x18\x06 \x01(\x04\"6\n\tZoneRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x0c\x12\x0c\n\x04zone\x18\x03 \x01(\r\"\xd2\x01\n\x06Policy\x12\x19\n\x11sample_interval_s\x18\x01 \x01(\r\x12\x12\n\ninterfaces\x18\x02 \x03(\t\x12\x17\n\x0f\x62\x61tch_max_facts\x18\x03 \x01(\r\x12\x18\n\x10policy_refresh_s\x18\x04 \x01(\r\x12!\n\x05zones\x18\x05 \x03(\x0b\x32\x12.zonewatch.v1.Zone\x12,\n\x0bzone_ranges\x18\x06 \x03(\x0b\x32\x17.zonewatch.v1.ZoneRange\x12\x15\n\rzones_version\x18\x07 \x01(\t\"]\n\x11GetPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12$\n\x06policy\x18\x03 \x01(\x0b\x32\x14.zonewatch.v1.Policy2\xa5\x01\n\x0c\x41gentService\x12G\n\x06Report\x12\x1b.zonewatch.v1.ReportRequest\x1a\x1c.zonewatch.v1.ReportResponse(\x01\x30\x01\x12L\n\tGetPolicy\x12\x1e.zonewatch.v1.GetPolicyRequest\x1a\x1f.zonewatch.v1.GetPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,21 +43,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WELCOME']._serialized_start=487
   _globals['_WELCOME']._serialized_end=563
   _globals['_ACK']._serialized_start=565
-  _globals['_ACK']._serialized_end=608
-  _globals['_REJECTION']._serialized_start=610
-  _globals['_REJECTION']._serialized_end=680
-  _globals['_REPORTRESPONSE']._serialized_start=683
-  _globals['_REPORTRESPONSE']._serialized_end=829
-  _globals['_GETPOLICYREQUEST']._serialized_start=831
-  _globals['_GETPOLICYREQUEST']._serialized_end=892
-  _globals['_ZONE']._serialized_start=894
-  _globals['_ZONE']._serialized_end=1004
-  _globals['_ZONERANGE']._serialized_start=1006
-  _globals['_ZONERANGE']._serialized_end=1060
-  _globals['_POLICY']._serialized_start=1063
-  _globals['_POLICY']._serialized_end=1273
-  _globals['_GETPOLICYRESPONSE']._serialized_start=1275
-  _globals['_GETPOLICYRESPONSE']._serialized_end=1368
-  _globals['_AGENTSERVICE']._serialized_start=1371
-  _globals['_AGENTSERVICE']._serialized_end=1536
+  _globals['_ACK']._serialized_end=632
+  _globals['_REJECTION']._serialized_start=634
+  _globals['_REJECTION']._serialized_end=704
+  _globals['_REPORTRESPONSE']._serialized_start=707
+  _globals['_REPORTRESPONSE']._serialized_end=853
+  _globals['_GETPOLICYREQUEST']._serialized_start=855
+  _globals['_GETPOLICYREQUEST']._serialized_end=916
+  _globals['_ZONE']._serialized_start=918
+  _globals['_ZONE']._serialized_end=1028
+  _globals['_ZONERANGE']._serialized_start=1030
+  _globals['_ZONERANGE']._serialized_end=1084
+  _globals['_POLICY']._serialized_start=1087
+  _globals['_POLICY']._serialized_end=1297
+  _globals['_GETPOLICYRESPONSE']._serialized_start=1299
+  _globals['_GETPOLICYRESPONSE']._serialized_end=1392
+  _globals['_AGENTSERVICE']._serialized_start=1395
+  _globals['_AGENTSERVICE']._serialized_end=1560
 # @@protoc_insertion_point(module_scope)

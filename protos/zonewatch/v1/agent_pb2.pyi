@@ -64,12 +64,14 @@ class Welcome(_message.Message):
     def __init__(self, acked_seq: _Optional[int] = ..., policy_version: _Optional[str] = ..., server_time_ms: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acked_seq", "duplicate")
+    __slots__ = ("acked_seq", "duplicate", "policy_version")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     duplicate: bool
-    def __init__(self, acked_seq: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    policy_version: str
+    def __init__(self, acked_seq: _Optional[int] = ..., duplicate: _Optional[bool] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("seq", "code", "message", "field")

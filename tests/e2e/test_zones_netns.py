@@ -1,0 +1,156 @@
+"""The story a network admin tells: the collector owns the zone catalog; an agent on a host that is
+on both the extranet and a dedicated network counts every byte per zone; the counts equal what the
+host's interfaces carried; and a catalog edit reaches the running agent."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_json
+from testnet import TestNetwork, require_root_netns
+
+pytestmark = pytest.mark.netns
+
+CATALOG = """\
+zones:
+  - name: 市级横向外网
+    kind: extranet
+    direction: horizontal
+    cidrs: [10.250.1.0/24, "fd00:250:1::/64"]
+    capacity: 10G
+  - name: 公安专网
+    kind: dedicated
+    department: 市公安局
+    cidrs: [10.250.2.0/24, "fd00:250:2::/64"]
+  - name: 互联网
+    kind: internet
+    cidrs: [0.0.0.0/0, "::/0"]
+"""
+ETHERNET_HEADER = 14  # veth counters count it; nftables counts IP bytes
+
+
+def ticks(db: Path) -> tuple[int, int]:
+    """(rows, newest time) of zone_traffic: each agent tick adds rows."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute("SELECT count(*), coalesce(max(time_ms), 0) FROM zone_traffic").fetchone()
+            return int(row[0]), int(row[1])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0, 0
+
+
+def next_tick(db: Path, after: int, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, newest = ticks(db)
+        if newest > after:
+            return newest
+        time.sleep(0.02)
+    raise AssertionError("the agent reported no zone traffic in time")
+
+
+def zone_totals(db: Path, after: int, upto: int) -> dict[str, tuple[int, int]]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT zone, sum(bytes_in), sum(bytes_out) FROM zone_traffic"
+            " WHERE time_ms > ? AND time_ms <= ? GROUP BY zone",
+            (after, upto),
+        ).fetchall()
+    finally:
+        con.close()
+    return {zone: (int(b_in), int(b_out)) for zone, b_in, b_out in rows}
+
+
+def l3_bytes(counters: dict[str, int], before: dict[str, int], direction: str) -> int:
+    """IP bytes the interface carried: frames minus their Ethernet headers."""
+    frames = counters[f"{direction}_bytes"] - before[f"{direction}_bytes"]
+    packets = counters[f"{direction}_packets"] - before[f"{direction}_packets"]
+    return frames - ETHERNET_HEADER * packets
+
+
+def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agent(tmp_path: Path) -> None:
+    require_root_netns()
+    db = tmp_path / "collector.db"
+    zones = tmp_path / "zones.yaml"
+    zones.write_text(CATALOG, encoding="utf-8")
+    with TestNetwork() as net:
+        central = net.add_host("coll", "extranet")
+        host = net.add_host("agent", "extranet", "dedicated")  # still on its old dedicated network
+        peer_extranet = net.add_host("pext", "extranet")
+        peer_dedicated = net.add_host("pded", "dedicated")
+        peer_internet = net.add_host("pnet", "internet")
+        listen = f"{central.addr4['extranet']}:7390"
+        collector = central.popen(
+            sys.executable, "-m", "collector.cli", "serve", "--db", str(db), "--listen", listen,
+            "--zones", str(zones), "--sample-interval", "1",
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        agent = host.popen(
+            sys.executable, "-m", "agent.cli", "run", "--collector", listen, "--interval", "1",
+            "--state-dir", str(tmp_path / "agent"), "--department", "市公安局", "--county", "高新区",
+            "--hostname", "ga-ws-01",
+        )  # fmt: skip
+        first = next_tick(db, 0, timeout=30)
+        # Align on a tick: read the interfaces right after the agent read its counters.
+        t0 = next_tick(db, first)
+        eth = host.interfaces
+        before = {s: host.iface_counters(eth[s]) for s in ("extranet", "dedicated")}
+        net.iperf3(peer_extranet, host, "extranet", seconds=2)  # host sends to the extranet
+        net.iperf3(peer_dedicated, host, "dedicated", seconds=2, ipv6=True)  # ... and the dedicated network
+        net.iperf3(peer_internet, host, "internet", seconds=2, reverse=True)  # the internet sends to the host
+        time.sleep(2.5)  # let the last bytes fall into a tick
+        t1 = next_tick(db, next_tick(db, t0))
+        after = {s: host.iface_counters(eth[s]) for s in ("extranet", "dedicated")}
+        counted = zone_totals(db, t0, t1)
+
+        # The dedicated interface carries only the dedicated zone.
+        ded_in, ded_out = counted["公安专网"]
+        assert ded_out == pytest.approx(l3_bytes(after["dedicated"], before["dedicated"], "tx"), rel=1e-3)
+        assert ded_in == pytest.approx(l3_bytes(after["dedicated"], before["dedicated"], "rx"), rel=1e-3)
+        assert ded_out > 50_000_000, "the iperf3 run should have moved real volume"
+        # The extranet interface carries the extranet zone and, through the router, the internet.
+        ext_in, ext_out = counted["市级横向外网"]
+        net_in, net_out = counted["互联网"]
+        assert ext_out + net_out == pytest.approx(
+            l3_bytes(after["extranet"], before["extranet"], "tx"), rel=1e-3
+        )
+        assert ext_in + net_in == pytest.approx(
+            l3_bytes(after["extranet"], before["extranet"], "rx"), rel=1e-3
+        )
+        assert net_in > 50_000_000 and ext_out > 50_000_000
+
+        # The operator's view: the dedicated network is still in use by this department.
+        by_department = cli_json("zonewatch-collector", "traffic", "--db", str(db), "--by", "department",
+                                 "--zone", "公安专网", "--since", "10m")  # fmt: skip
+        assert [row["group"] for row in by_department] == ["市公安局"]
+
+        # A catalog edit reaches the running agent: the peer's /32 becomes a zone of its own.
+        peer = peer_dedicated.addr4["dedicated"]
+        new_zone = (
+            f"  - name: 公安数据中心\n    kind: dedicated\n    department: 市公安局\n    cidrs: [{peer}/32]\n"
+        )
+        zones.write_text(CATALOG + new_zone, encoding="utf-8")
+        deadline = time.monotonic() + 30
+        seen: set[str] = set()
+        while "公安数据中心" not in seen and time.monotonic() < deadline:
+            host.ping(peer, count=3, timeout=0.5)
+            seen = set(zone_totals(db, t1, 2**62))
+        assert "公安数据中心" in seen, f"the new zone never reached the agent (saw {sorted(seen)})"
+
+        assert "table inet zonewatch" in host.run("nft", "list", "tables").stdout
+        agent.terminate()
+        assert agent.wait(20) == 0
+        # The agent removed its table on exit: the host's ruleset is as it found it.
+        assert "zonewatch" not in host.run("nft", "list", "tables").stdout
+        collector.terminate()
+        assert collector.wait(20) == 0
