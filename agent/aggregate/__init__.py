@@ -1,0 +1,1 @@
+"""Aggregators: raw observations (packets, sockets) turned into small facts per window."""
