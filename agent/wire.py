@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from agent.aggregate.flows import FlowRecord
 from agent.health import Health
 from agent.policy import PolicyUpdate, zones_from_ranges
 from agent.sensors.accounting import ZoneDelta
@@ -96,6 +97,34 @@ def zone_traffic_fact(delta: ZoneDelta, time_ms: int) -> facts_pb2.Fact:
             window_ms=max(1, delta.interval_ms),
             method="nftables",
             sampling_rate=1.0,
+        ),
+    )
+
+
+def flow_fact(flow: FlowRecord, time_ms: int) -> facts_pb2.Fact:
+    process = None
+    if flow.process is not None:
+        p = flow.process
+        process = facts_pb2.ProcessRef(pid=p.pid, name=p.name, user=p.user, cmdline=p.cmdline)
+    return facts_pb2.Fact(
+        time_ms=time_ms,
+        flow=facts_pb2.Flow(
+            ip_protocol=flow.ip_protocol,
+            local_addr=flow.local_addr,
+            local_port=flow.local_port,
+            remote_addr=flow.remote_addr,
+            remote_port=flow.remote_port,
+            interface=flow.interface,
+            bytes_out=flow.bytes_out,
+            bytes_in=flow.bytes_in,
+            packets_out=flow.packets_out,
+            packets_in=flow.packets_in,
+            start_ms=flow.start_ms,
+            end_ms=flow.end_ms,
+            tcp_flags=flow.tcp_flags,
+            remote_zone=flow.remote_zone,
+            initiated_locally=flow.initiated_locally,
+            process=process,
         ),
     )
 

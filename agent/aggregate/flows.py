@@ -51,6 +51,8 @@ class PacketLike(Protocol):
     def length(self) -> int: ...
     @property
     def outgoing(self) -> bool: ...
+    @property
+    def sampling_rate(self) -> int: ...
 
 
 class ProcessRef(NamedTuple):
@@ -124,12 +126,14 @@ class FlowTable:
                     self._evict_one()
                 state = flows[key] = [p.ts_ns, p.ts_ns, 0, 0, 0, 0, 0, p.outgoing]
             state[_LAST] = p.ts_ns
+            # Under overload the capture samples 1 in N: each summary stands for N packets.
+            weight = p.sampling_rate
             if p.outgoing:
-                state[_BOUT] += p.length
-                state[_POUT] += 1
+                state[_BOUT] += p.length * weight
+                state[_POUT] += weight
             else:
-                state[_BIN] += p.length
-                state[_PIN] += 1
+                state[_BIN] += p.length * weight
+                state[_PIN] += weight
             state[_FLAGS] |= p.tcp_flags
 
     def expire(self, now_ns: int, owners: SocketOwners | None = None) -> list[FlowRecord]:

@@ -39,6 +39,7 @@ class Packet(NamedTuple):
     tcp_flags: int
     length: int
     outgoing: bool
+    sampling_rate: int = 1
 
 
 def out(ts: float, length: int, flags: int = 0x10, sport: int = 40000, dport: int = 443) -> Packet:
@@ -90,6 +91,13 @@ def test_a_long_flow_is_reported_while_it_runs() -> None:
     # Nothing more came: the continuation closes without an empty record.
     assert table.flush() == []
     assert table.stats().active == 0
+
+
+def test_sampled_packets_are_scaled_back_up() -> None:
+    table = FlowTable(ZONES)
+    table.add([out(1.0, 100)._replace(sampling_rate=8), inn(1.1, 50)._replace(sampling_rate=8)])
+    (flow,) = table.flush()
+    assert (flow.packets_out, flow.bytes_out, flow.packets_in, flow.bytes_in) == (8, 800, 8, 400)
 
 
 def test_memory_is_bounded_and_evictions_are_reported_not_lost() -> None:
