@@ -18,6 +18,7 @@ from collector import __version__
 from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig
 from collector.errors import CollectorError
 from collector.policy import AgentPolicy
+from collector.store.retention import RetentionPolicy
 
 FORMATS = ("table", "json", "csv")
 
@@ -29,6 +30,8 @@ examples:
   zonewatch-collector bandwidth --agent web-01 --iface eth0 --since 2026-11-27 --until 2026-11-28 --format csv
   zonewatch-collector watch
   zonewatch-collector traffic --by zone --since 24h
+  zonewatch-collector retention
+  zonewatch-collector serve --raw-hours 72 --minute-days 90 --hour-days 730
   zonewatch-collector zones validate /etc/zonewatch/zones.yaml
   zonewatch-collector zones show /etc/zonewatch/zones.yaml --address 10.10.3.4
 """
@@ -115,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="zone catalog (YAML) served to agents; reloaded on SIGHUP and when the file changes "
         "(a broken file is refused with file:line and the previous catalog stays)",
     )
+    serve.add_argument(
+        "--raw-hours",
+        type=int,
+        default=RetentionPolicy.raw_hours,
+        metavar="HOURS",
+        help=f"keep raw interface samples and zone traffic this long (default {RetentionPolicy.raw_hours})",
+    )
+    serve.add_argument(
+        "--minute-days",
+        type=int,
+        default=RetentionPolicy.minute_days,
+        metavar="DAYS",
+        help=f"keep per-minute rollups this long (default {RetentionPolicy.minute_days})",
+    )
+    serve.add_argument(
+        "--hour-days",
+        type=int,
+        default=RetentionPolicy.hour_days,
+        metavar="DAYS",
+        help=f"keep per-hour rollups this long (default {RetentionPolicy.hour_days})",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     agents = sub.add_parser(
@@ -184,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="rates are computed per bucket of this length (default 1m)",
     )
 
+    ret = sub.add_parser(
+        "retention",
+        help="raw data and rollups per tier: rows, time range, how far rolled up",
+        description="For interface samples and zone traffic, per tier (raw, minute and hour rollups): "
+        "how many rows, the oldest and newest time, up to when the rollups are complete (buckets "
+        "ending at or before it), and how many raw rows are not rolled up yet. The collector rolls up "
+        "and prunes as it runs (serve --raw-hours, --minute-days, --hour-days).",
+    )
+    _db_arg(ret)
+    _format_arg(ret)
+
     zones = sub.add_parser(
         "zones",
         help="check or show a zone catalog (YAML)",
@@ -236,17 +271,28 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from collector.server import serve
-
+def serve_config(args: argparse.Namespace) -> CollectorConfig:
     if args.sample_interval < 1:
         raise CollectorError(f"--sample-interval must be at least 1 second, got {args.sample_interval}")
-    config = CollectorConfig(
+    for flag, value in (("--raw-hours", args.raw_hours), ("--minute-days", args.minute_days),
+                        ("--hour-days", args.hour_days)):  # fmt: skip
+        if value < 1:
+            raise CollectorError(f"{flag} must be at least 1, got {value}")
+    return CollectorConfig(
         db_path=args.db,
         listen=args.listen,
         zones_path=args.zones,
         policy=AgentPolicy(sample_interval_s=args.sample_interval, interfaces=tuple(args.interfaces)),
+        retention=RetentionPolicy(
+            raw_hours=args.raw_hours, minute_days=args.minute_days, hour_days=args.hour_days
+        ),
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from collector.server import serve
+
+    config = serve_config(args)
 
     def ready(collector: Any) -> None:
         host = config.listen.rsplit(":", 1)[0]
@@ -353,6 +399,14 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    from collector.output import RETENTION_COLUMNS, render
+    from collector.store.retention_view import retention_status
+
+    render(retention_status(_open(args)), args.format, RETENTION_COLUMNS, sys.stdout)
+    return 0
+
+
 def cmd_zones(args: argparse.Namespace) -> int:
     from collector.output import ZONE_COLUMNS, ZONE_LOOKUP_COLUMNS, ZoneLookupRow, ZoneRow, render
     from collector.zones import load_catalog
@@ -408,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "watch": cmd_watch,
         "zones": cmd_zones,
         "traffic": cmd_traffic,
+        "retention": cmd_retention,
     }
     try:
         return handlers[args.command](args)

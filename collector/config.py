@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collector.policy import AgentPolicy
+from collector.store.retention import RetentionPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:7390"
 DEFAULT_DB = Path("zonewatch.db")
@@ -28,3 +29,9 @@ class CollectorConfig:
     shutdown_grace_s: float = 5.0
     # Facts per group commit at most: bounds one transaction's latency.
     max_group_facts: int = 100_000
+    # How long raw facts, minute and hour rollups are kept (store/retention.py).
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    # Seconds between retention steps once caught up (while behind they run back to back).
+    maintenance_interval_s: float = 30.0
+    # Rows one retention step may read or delete: bounds how long a commit waits behind it.
+    maintenance_budget_rows: int = 50_000

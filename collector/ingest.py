@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from collector.errors import CollectorError, StoreError
 from collector.model import AgentHello, CatalogRow, Settled, ValidBatch
 from collector.store.process import WriterProcess
+from collector.store.retention import MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected
 
 GROUPS_IN_FLIGHT = 2
@@ -89,6 +90,12 @@ class Ingest:
 
     async def note_policy_version(self, agent_id: str, version: str) -> bool:
         return bool(await self._call(WriterProcess.policy_request(agent_id, version)))
+
+    async def maintain(self, now_ms: int, budget_rows: int, policy: RetentionPolicy) -> MaintenanceReport:
+        """One bounded retention step (store/retention.py), queued behind the commits already sent."""
+        return WriterProcess.maintain_result(
+            await self._call(WriterProcess.maintain_request(now_ms, budget_rows, policy))
+        )
 
     def submit(self, item: ValidBatch | Rejected) -> asyncio.Future[Settled | Rejected]:
         """Queue a batch (or a rejection to record); the future resolves after COMMIT."""

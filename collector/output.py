@@ -136,6 +136,17 @@ TRAFFIC_COLUMNS: tuple[Column, ...] = (
     Column("utilization_peak", "load peak", "percent"),
 )
 
+# Raw interface samples show the time range of the batches holding them; rollups, bucket starts.
+RETENTION_COLUMNS: tuple[Column, ...] = (
+    Column("data", "data"),
+    Column("tier", "tier"),
+    Column("rows", "rows", "int"),
+    Column("oldest_ms", "oldest", "time"),
+    Column("newest_ms", "newest", "time"),
+    Column("watermark_ms", "rolled up to", "time"),
+    Column("pending", "not rolled up", "int"),
+)
+
 _EMPTY = {
     AGENT_COLUMNS: "no agents",
     BANDWIDTH_COLUMNS: "no samples in range",

@@ -14,6 +14,7 @@ import grpc
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
 from collector.ingest import Ingest
+from collector.maintenance import MaintenanceSchedule
 from collector.policy import PolicySource
 from collector.servicer import AgentService
 
@@ -23,11 +24,19 @@ log = logging.getLogger(__name__)
 class Collector:
     """A running collector: server, port and ingest, stopped together."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, ingest: Ingest, policy: PolicySource) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        ingest: Ingest,
+        policy: PolicySource,
+        maintenance: MaintenanceSchedule,
+    ) -> None:
         self.server = server
         self.port = port
         self.ingest = ingest
         self.policy = policy
+        self.maintenance = maintenance
 
     async def store_catalog(self) -> None:
         """Record the catalog in force in the database, for queries and reports."""
@@ -50,6 +59,7 @@ class Collector:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking new streams, let in-flight batches commit, close the database."""
+        await self.maintenance.stop()
         await self.server.stop(grace_s)
         await self.ingest.close()
 
@@ -79,8 +89,15 @@ async def create_server(config: CollectorConfig) -> Collector:
         await ingest.close()
         raise CollectorError(f"cannot listen on {config.listen} (address in use?)")
     await server.start()
-    collector = Collector(server, port, ingest, policy)
+    maintenance = MaintenanceSchedule(
+        ingest,
+        config.retention,
+        interval_s=config.maintenance_interval_s,
+        budget_rows=config.maintenance_budget_rows,
+    )
+    collector = Collector(server, port, ingest, policy, maintenance)
     await collector.store_catalog()
+    maintenance.start()
     return collector
 
 

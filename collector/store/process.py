@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import marshal
 import multiprocessing
-from dataclasses import fields
+from dataclasses import astuple, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from collector.errors import CollectorError, StoreError
 from collector.model import AgentHello, CatalogRow, HostLabels, Settled, ValidBatch, ZoneTrafficRow
 from collector.store.database import open_database
+from collector.store.retention import Maintenance, MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected, Writer
 
 _BATCH_FIELDS = tuple(f.name for f in fields(ValidBatch))
@@ -88,6 +89,11 @@ def _serve(conn: Connection, db_path: str) -> None:
                     reply("ok", None)
                 elif op == "policy":
                     reply("ok", writer.note_policy_version(*args))
+                elif op == "maintain":
+                    # Between two commits, never during one: this loop is the only writer.
+                    now_ms, budget_rows, policy = args
+                    report = Maintenance(db, RetentionPolicy(*policy)).run_step(now_ms, budget_rows)
+                    reply("ok", tuple(report))
                 elif op == "close":
                     reply("ok", None)
                     return
@@ -162,6 +168,14 @@ class WriterProcess:
     def policy_request(agent_id: str, version: str) -> tuple[Any, ...]:
         return ("policy", agent_id, version)
 
+    @staticmethod
+    def maintain_request(now_ms: int, budget_rows: int, policy: RetentionPolicy) -> tuple[Any, ...]:
+        return ("maintain", now_ms, budget_rows, astuple(policy))
+
+    @staticmethod
+    def maintain_result(value: Any) -> MaintenanceReport:
+        return MaintenanceReport(*value)
+
     def _call(self, request: tuple[Any, ...]) -> Any:
         self.send(request)
         return self.receive()
@@ -174,6 +188,9 @@ class WriterProcess:
 
     def note_policy_version(self, agent_id: str, version: str) -> bool:
         return bool(self._call(self.policy_request(agent_id, version)))
+
+    def maintain(self, now_ms: int, budget_rows: int, policy: RetentionPolicy) -> MaintenanceReport:
+        return self.maintain_result(self._call(self.maintain_request(now_ms, budget_rows, policy)))
 
     CLOSE_REQUEST = ("close",)
 

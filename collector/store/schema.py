@@ -143,10 +143,98 @@ CREATE TABLE zones (
 );
 """
 
+ROLLUPS = """
+-- Retention (store/retention.py): raw facts are kept for hours, their exact sums
+-- per minute for weeks, per hour for a year. Every raw row is added to both tiers
+-- exactly once, found by its id: ids only grow, so "id > retention_state.rolled_id"
+-- is exactly what is not counted yet, however late it arrived.
+--
+-- zone_traffic gets an explicit id for that: VACUUM may renumber an implicit rowid.
+CREATE TABLE zone_traffic_v3 (
+    id INTEGER PRIMARY KEY,
+    agent INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    zone TEXT NOT NULL,
+    interface TEXT NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    packets_in INTEGER NOT NULL,
+    packets_out INTEGER NOT NULL,
+    window_ms INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    sampling_rate REAL NOT NULL
+);
+INSERT INTO zone_traffic_v3 SELECT rowid, * FROM zone_traffic;
+DROP TABLE zone_traffic;
+ALTER TABLE zone_traffic_v3 RENAME TO zone_traffic;
+CREATE INDEX zone_traffic_by_time ON zone_traffic (time_ms);
+CREATE INDEX zone_traffic_by_agent ON zone_traffic (agent, time_ms);
+-- The batches whose samples are still stored, oldest first: what pruning walks. Partial,
+-- so it holds only the raw-retention window and one entry per batch, not per sample.
+CREATE INDEX batches_with_samples ON batches (last_ms, first_ms, first_sample, last_sample)
+    WHERE first_sample IS NOT NULL;
+-- Per (agent, series) and bucket [bucket_ms, bucket_ms + resolution_ms): integer
+-- sums of the samples' counters (bytes are summed, never averaged), the peaks of
+-- their rates, and how many samples and counter resets went in.
+CREATE TABLE interface_rollups (
+    resolution_ms INTEGER NOT NULL CHECK (resolution_ms IN (60000, 3600000)),
+    agent INTEGER NOT NULL,
+    series INTEGER NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    rx_bytes INTEGER NOT NULL,
+    tx_bytes INTEGER NOT NULL,
+    rx_packets INTEGER NOT NULL,
+    tx_packets INTEGER NOT NULL,
+    rx_errors INTEGER NOT NULL,
+    tx_errors INTEGER NOT NULL,
+    rx_drops INTEGER NOT NULL,
+    tx_drops INTEGER NOT NULL,
+    interval_ms INTEGER NOT NULL,
+    peak_rx_bps REAL NOT NULL,
+    peak_tx_bps REAL NOT NULL,
+    counter_resets INTEGER NOT NULL,
+    PRIMARY KEY (resolution_ms, agent, series, bucket_ms)
+) WITHOUT ROWID;
+CREATE INDEX interface_rollups_by_time ON interface_rollups (resolution_ms, bucket_ms);
+-- Per (agent, zone) and bucket, every interface together (as the traffic view sums
+-- them). Bytes and packets are the estimated totals: a sampled capture's counts are
+-- scaled by 1 / sampling_rate, per row and rounded, before they are summed.
+CREATE TABLE zone_rollups (
+    resolution_ms INTEGER NOT NULL CHECK (resolution_ms IN (60000, 3600000)),
+    agent INTEGER NOT NULL,
+    zone TEXT NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    packets_in INTEGER NOT NULL,
+    packets_out INTEGER NOT NULL,
+    window_ms INTEGER NOT NULL,
+    PRIMARY KEY (resolution_ms, agent, zone, bucket_ms)
+) WITHOUT ROWID;
+CREATE INDEX zone_rollups_by_time ON zone_rollups (resolution_ms, bucket_ms);
+-- Per raw table and tier: rolled_id, the highest raw id counted in the tier (both
+-- tiers move together); watermark_ms, up to which time the tier is rolled up: every
+-- bucket ending at or before it holds every row committed at least the grace period
+-- after the bucket ended. Rows arriving later still get added when they come.
+CREATE TABLE retention_state (
+    source TEXT NOT NULL CHECK (source IN ('interface_samples', 'zone_traffic')),
+    resolution_ms INTEGER NOT NULL CHECK (resolution_ms IN (60000, 3600000)),
+    rolled_id INTEGER NOT NULL,
+    watermark_ms INTEGER NOT NULL,
+    PRIMARY KEY (source, resolution_ms)
+);
+INSERT INTO retention_state VALUES
+    ('interface_samples', 60000, 0, 0), ('interface_samples', 3600000, 0, 0),
+    ('zone_traffic', 60000, 0, 0), ('zone_traffic', 3600000, 0, 0);
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
     ("zone traffic and the zone catalog", ZONES),
+    ("rollups: per-minute and per-hour sums, retention state, zone traffic ids", ROLLUPS),
 ]
 
 

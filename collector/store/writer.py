@@ -28,7 +28,10 @@ class Rejected(NamedTuple):
 
 
 _INSERT_SAMPLES = "INSERT INTO interface_samples VALUES (" + ", ".join("?" * 19) + ")"
-_INSERT_ZONE_TRAFFIC = "INSERT INTO zone_traffic VALUES (" + ", ".join("?" * 12) + ")"
+_INSERT_ZONE_TRAFFIC = (
+    "INSERT INTO zone_traffic (agent, seq, time_ms, zone, interface, bytes_in, bytes_out, packets_in,"
+    " packets_out, window_ms, method, sampling_rate) VALUES (" + ", ".join("?" * 12) + ")"
+)
 _INSERT_BATCHES = "INSERT INTO batches VALUES (" + ", ".join("?" * 10) + ")"
 
 

@@ -1,0 +1,399 @@
+"""Retention: exact per-minute and per-hour rollups of the raw facts, and pruning by age.
+
+Maintenance runs in the writer process (store/process.py, request "maintain"), the
+only writer, so it never runs during a commit. Each call does a bounded amount of
+work, so a group commit queued behind it waits for one short step, not a catch-up.
+
+Counting. Every raw row is added to its minute and its hour rollup exactly once.
+Raw ids only grow (the writer numbers samples on from the highest; zone_traffic's
+INTEGER PRIMARY KEY is the highest plus one), so retention_state.rolled_id splits
+the rows into counted (id <= rolled_id) and not yet counted, whenever they arrived.
+The rollups and the cursor change in the same transaction. A late batch, minutes
+or days late (an agent that was offline replays its spool), is added to the
+buckets already there. Two other schemes look simpler but are wrong: a cursor over
+batches.received_ms misses batches that were received before it but committed
+after it, because received_ms is stamped before the commit. Rolling a bucket again
+from its raw rows fails once those rows have been pruned. The grace period decides
+only the watermark, the time up to which a reader may take the rollups as final.
+
+Pruning never deletes a row that is not counted yet. Every batches row stays,
+because (agent, seq) is the idempotency key; only its sample range is forgotten.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+from collector.errors import CollectorError, StoreError
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+# A sum that does not fit SQLite's integers is held at the largest one: only absurd
+# counters get there (2**63 bytes is 8 EiB), and one bad agent must not stop retention.
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    # Raw interface samples and zone traffic are kept this long (by the facts' own time).
+    raw_hours: int = 48
+    # Per-minute rollups are kept this long.
+    minute_days: int = 30
+    # Per-hour rollups are kept this long.
+    hour_days: int = 365
+    # A bucket counts as rolled up (the watermark passes it) this long after it ended:
+    # time for batches in flight. Later rows are still added when they come.
+    grace_ms: int = 120_000
+
+    def __post_init__(self) -> None:
+        for name in ("raw_hours", "minute_days", "hour_days"):
+            if getattr(self, name) < 1:
+                raise CollectorError(f"retention {name} must be at least 1, got {getattr(self, name)}")
+        if self.grace_ms < 0:
+            raise CollectorError(f"retention grace_ms must not be negative, got {self.grace_ms}")
+
+
+class MaintenanceReport(NamedTuple):
+    """What one step did. rows_done is the work that budget_rows bounds."""
+
+    rolled_samples: int
+    rolled_zone_rows: int
+    pruned_samples: int
+    pruned_batches: int  # batches whose sample range was released (the rows stay)
+    pruned_zone_rows: int
+    pruned_minute_rollups: int
+    pruned_hour_rollups: int
+    # Rollup rows whose sums reached INT64_MAX and were held there.
+    saturated: int
+    # False when the budget ran out with work left: call again soon.
+    done: bool
+
+    @property
+    def rows_done(self) -> int:
+        return (
+            self.rolled_samples
+            + self.rolled_zone_rows
+            + self.pruned_samples
+            + self.pruned_zone_rows
+            + self.pruned_minute_rollups
+            + self.pruned_hour_rollups
+        )
+
+
+class _Source(NamedTuple):
+    """A raw table and the rollup table it is summed into."""
+
+    table: str
+    rollups: str
+    # Rollup key columns besides resolution_ms and bucket_ms, copied from the raw row.
+    keys: tuple[str, ...]
+    # (rollup column, raw expression): summed.
+    sums: tuple[tuple[str, str], ...]
+    # (rollup column, raw expression): their maximum.
+    peaks: tuple[tuple[str, str], ...]
+
+
+def _scaled(column: str) -> str:
+    """A sampled capture's count as the estimated total (the traffic view scales the same way)."""
+    return (
+        f"CASE WHEN sampling_rate = 1.0 THEN {column}"
+        f" ELSE CAST(round({column} / sampling_rate) AS INTEGER) END"
+    )
+
+
+_COUNTERS = (
+    "rx_bytes",
+    "tx_bytes",
+    "rx_packets",
+    "tx_packets",
+    "rx_errors",
+    "tx_errors",
+    "rx_drops",
+    "tx_drops",
+)
+INTERFACES = _Source(
+    "interface_samples",
+    "interface_rollups",
+    ("agent", "series"),
+    (
+        ("samples", "1"),
+        *((c, c) for c in _COUNTERS),
+        ("interval_ms", "interval_ms"),
+        ("counter_resets", "counter_reset != 0"),
+    ),
+    (("peak_rx_bps", "rx_bps"), ("peak_tx_bps", "tx_bps")),
+)
+ZONES = _Source(
+    "zone_traffic",
+    "zone_rollups",
+    ("agent", "zone"),
+    (
+        *((c, _scaled(c)) for c in ("bytes_in", "bytes_out", "packets_in", "packets_out")),
+        ("window_ms", "window_ms"),
+    ),
+    (),
+)
+SOURCES = (INTERFACES, ZONES)
+
+
+class _Sql:
+    """The statements of one source, built once from its description."""
+
+    def __init__(self, src: _Source) -> None:
+        keys = ", ".join(src.keys)
+        exprs = [e for _, e in src.sums] + [e for _, e in src.peaks]
+        aggregates = [f"sum({e})" for _, e in src.sums] + [f"max({e})" for _, e in src.peaks]
+        bucket = f"time_ms - time_ms % {MINUTE_MS}"
+        # (keys..., minute bucket, rows, sums..., peaks...) per group of the id range.
+        self.minutes = (
+            f"SELECT {keys}, {bucket} AS bucket, count(*), {', '.join(aggregates)}"
+            f" FROM {src.table} WHERE id BETWEEN ? AND ? GROUP BY {keys}, bucket"
+        )
+        # The same, one row per raw row: for when an integer sum overflows in SQL.
+        self.rows = (
+            f"SELECT {keys}, {bucket}, 1, {', '.join(exprs)} FROM {src.table} WHERE id BETWEEN ? AND ?"
+        )
+        sum_columns = [c for c, _ in src.sums]
+        peak_columns = [c for c, _ in src.peaks]
+        columns = ["resolution_ms", *src.keys, "bucket_ms", *sum_columns, *peak_columns]
+        updates = [f"{c} = min({c} + excluded.{c}, {INT64_MAX})" for c in sum_columns] + [
+            f"{c} = max({c}, excluded.{c})" for c in peak_columns
+        ]
+        self.upsert = (
+            f"INSERT INTO {src.rollups} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT (resolution_ms, {keys}, bucket_ms) DO UPDATE SET {', '.join(updates)}"
+        )
+        # The oldest rollup rows of a tier, a bounded batch at a time (by primary key).
+        self.prune_rollups = (
+            f"DELETE FROM {src.rollups} WHERE (resolution_ms, {keys}, bucket_ms) IN"
+            f" (SELECT resolution_ms, {keys}, bucket_ms FROM {src.rollups}"
+            " WHERE resolution_ms = :resolution AND bucket_ms <= :before ORDER BY bucket_ms LIMIT :limit)"
+        )
+        self.key_count = len(src.keys)
+        self.sum_count = len(src.sums)
+
+
+_SQL = {src.table: _Sql(src) for src in SOURCES}
+
+
+class Maintenance:
+    """Rolls up and prunes the database in bounded steps; see the module docstring."""
+
+    def __init__(self, db: sqlite3.Connection, policy: RetentionPolicy | None = None) -> None:
+        self._db = db
+        self.policy = policy or RetentionPolicy()
+
+    def run_step(self, now_ms: int, budget_rows: int = 50_000) -> MaintenanceReport:
+        """Do at most about budget_rows rows of work, each part in its own short transaction.
+
+        In order: count the raw rows not counted yet (interface samples, then zone
+        traffic); prune raw facts older than raw_hours, minute rollups older than
+        minute_days, hour rollups older than hour_days. Rows read to roll up and rows
+        deleted count against the budget; a batch's samples are pruned together, so one
+        batch larger than what is left of the budget may go over it (by at most one
+        batch: 20,000 samples).
+        """
+        if budget_rows < 1:
+            raise CollectorError(f"budget_rows must be at least 1, got {budget_rows}")
+        policy = self.policy
+        counts = dict.fromkeys(MaintenanceReport._fields[:-1], 0)
+        left = budget_rows
+        done = True
+
+        def part(name: str, work: Callable[[int], tuple[int, bool]]) -> None:
+            nonlocal left, done
+            if left <= 0:
+                done = False
+                return
+            rows, finished = work(left)
+            counts[name] += rows
+            left -= rows
+            done = done and finished
+
+        raw_before = now_ms - policy.raw_hours * HOUR_MS
+        try:
+            part("rolled_samples", lambda budget: self._roll(INTERFACES, now_ms, budget, counts))
+            part("rolled_zone_rows", lambda budget: self._roll(ZONES, now_ms, budget, counts))
+            part("pruned_samples", lambda budget: self._prune_samples(raw_before, budget, counts))
+            part("pruned_zone_rows", lambda budget: self._prune_zone_traffic(raw_before, budget))
+            for resolution, keep_days, name in (
+                (MINUTE_MS, policy.minute_days, "pruned_minute_rollups"),
+                (HOUR_MS, policy.hour_days, "pruned_hour_rollups"),
+            ):
+                before_ms = now_ms - keep_days * DAY_MS
+                for src in SOURCES:
+                    part(name, partial(self._prune_rollups, src, resolution, before_ms))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot maintain the database (rollups and retention): {exc}") from exc
+        return MaintenanceReport(**counts, done=done)
+
+    # --- rollups ------------------------------------------------------------------------------
+
+    def _roll(self, src: _Source, now_ms: int, budget: int, counts: dict[str, int]) -> tuple[int, bool]:
+        """Count up to budget raw rows after the cursor; (rows, caught up)."""
+        db = self._db
+        sql = _SQL[src.table]
+        with _transaction(db):
+            rolled = self._rolled_id(src)
+            first, top = db.execute(
+                f"SELECT (SELECT min(id) FROM {src.table} WHERE id > ?), (SELECT max(id) FROM {src.table})",
+                (rolled,),
+            ).fetchone()
+            if first is None:
+                self._advance(src, rolled, now_ms)
+                return 0, True
+            last = min(first + budget - 1, top)
+            try:
+                minutes = db.execute(sql.minutes, (first, last)).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "integer overflow" not in str(exc):
+                    raise
+                minutes = _fold(db.execute(sql.rows, (first, last)), sql, MINUTE_MS)
+            hours = _fold(minutes, sql, HOUR_MS)
+            for resolution, groups in ((MINUTE_MS, minutes), (HOUR_MS, hours)):
+                rows, saturated = _upsert_rows(groups, sql, resolution)
+                db.executemany(sql.upsert, rows)
+                counts["saturated"] += saturated
+            caught_up = last == top
+            self._advance(src, last, now_ms if caught_up else None)
+        return sum(group[sql.key_count + 1] for group in minutes), caught_up
+
+    def _rolled_id(self, src: _Source) -> int:
+        (rolled,) = self._db.execute(
+            "SELECT rolled_id FROM retention_state WHERE source = ? AND resolution_ms = ?",
+            (src.table, MINUTE_MS),
+        ).fetchone()
+        return int(rolled)
+
+    def _advance(self, src: _Source, rolled_id: int, caught_up_ms: int | None) -> None:
+        """Move the cursor; when every committed row is counted (at caught_up_ms), the watermarks
+        too: to the end of the last bucket that ended a grace period before."""
+        complete_ms = -1 if caught_up_ms is None else caught_up_ms - self.policy.grace_ms
+        self._db.executemany(
+            "UPDATE retention_state SET rolled_id = :rolled, watermark_ms = max(watermark_ms, :watermark)"
+            " WHERE source = :source AND resolution_ms = :resolution"
+            " AND (rolled_id != :rolled OR watermark_ms < :watermark)",
+            [
+                {"rolled": rolled_id, "watermark": complete_ms // r * r, "source": src.table, "resolution": r}
+                for r in (MINUTE_MS, HOUR_MS)
+            ],
+        )
+
+    # --- pruning ------------------------------------------------------------------------------
+
+    def _prune_samples(self, before_ms: int, budget: int, counts: dict[str, int]) -> tuple[int, bool]:
+        """Delete the samples of batches wholly older than before_ms; (samples, all done)."""
+        db = self._db
+        with _transaction(db):
+            found = db.execute(
+                "SELECT agent, seq, first_sample, last_sample FROM batches"
+                " WHERE first_sample IS NOT NULL AND last_ms < ? AND last_sample <= ?"
+                " ORDER BY last_ms LIMIT ?",
+                (before_ms, self._rolled_id(INTERFACES), budget),
+            ).fetchall()
+            taken: list[tuple[int, int, int, int]] = []
+            size = 0
+            for batch in found:
+                grown = size + batch[3] - batch[2] + 1
+                if taken and grown > budget:
+                    break
+                taken.append(batch)
+                size = grown
+            if not taken:
+                return 0, True
+            deleted = db.executemany(
+                "DELETE FROM interface_samples WHERE id BETWEEN ? AND ?",
+                [(f, last) for _, _, f, last in taken],
+            ).rowcount
+            db.executemany(
+                "UPDATE batches SET first_sample = NULL, last_sample = NULL WHERE agent = ? AND seq = ?",
+                [(agent, seq) for agent, seq, _, _ in taken],
+            )
+            self._keep_cursor_below_new_ids(INTERFACES)
+        counts["pruned_batches"] += len(taken)
+        return deleted, len(taken) == len(found) < budget
+
+    def _prune_zone_traffic(self, before_ms: int, budget: int) -> tuple[int, bool]:
+        db = self._db
+        with _transaction(db):
+            deleted = db.execute(
+                "DELETE FROM zone_traffic WHERE id IN (SELECT id FROM zone_traffic"
+                " WHERE time_ms < ? AND id <= ? ORDER BY time_ms LIMIT ?)",
+                (before_ms, self._rolled_id(ZONES), budget),
+            ).rowcount
+            if deleted:
+                self._keep_cursor_below_new_ids(ZONES)
+        return deleted, deleted < budget
+
+    def _keep_cursor_below_new_ids(self, src: _Source) -> None:
+        """After deleting the newest rows, the next id is the highest left plus one, which
+        may be at or below the cursor: lower it to that row (nothing between was kept)."""
+        self._db.execute(
+            "UPDATE retention_state"
+            f" SET rolled_id = min(rolled_id, coalesce((SELECT max(id) FROM {src.table}), 0))"
+            " WHERE source = ?",
+            (src.table,),
+        )
+
+    def _prune_rollups(self, src: _Source, resolution: int, before_ms: int, budget: int) -> tuple[int, bool]:
+        """Delete rollup buckets that ended before before_ms, oldest first."""
+        with _transaction(self._db):
+            deleted = self._db.execute(
+                _SQL[src.table].prune_rollups,
+                {"resolution": resolution, "before": before_ms - resolution, "limit": budget},
+            ).rowcount
+        return deleted, deleted < budget
+
+
+def _fold(groups: Iterable[Sequence[Any]], sql: _Sql, resolution: int) -> list[tuple[Any, ...]]:
+    """Groups (keys..., bucket, rows, sums..., peaks...) merged into buckets of resolution.
+
+    Python integers do not overflow: the sums are exact, held at INT64_MAX only when stored.
+    """
+    keys, sums = sql.key_count, sql.sum_count
+    merged: dict[tuple[Any, ...], list[Any]] = {}
+    for group in groups:
+        bucket = group[keys] - group[keys] % resolution
+        key = (*group[:keys], bucket)
+        into = merged.get(key)
+        if into is None:
+            merged[key] = [*group[keys + 1 :]]
+            continue
+        for i, value in enumerate(group[keys + 1 :]):
+            into[i] = into[i] + value if i <= sums else max(into[i], value)
+    return [(*key, *values) for key, values in merged.items()]
+
+
+def _upsert_rows(
+    groups: list[tuple[Any, ...]], sql: _Sql, resolution: int
+) -> tuple[list[tuple[Any, ...]], int]:
+    """Rows for sql.upsert (the row count dropped); (rows, how many had a sum held at INT64_MAX)."""
+    keys, sums = sql.key_count, sql.sum_count
+    rows = []
+    saturated = 0
+    for group in groups:
+        values = group[keys + 2 : keys + 2 + sums]
+        if max(values, default=0) > INT64_MAX:
+            values = tuple(min(v, INT64_MAX) for v in values)
+            saturated += 1
+        rows.append((resolution, *group[: keys + 1], *values, *group[keys + 2 + sums :]))
+    return rows, saturated
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
