@@ -16,7 +16,14 @@ from typing import Any
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from collector.errors import ValidationError
-from collector.model import MAX_BATCH_SPAN_MS, AgentHello, HostLabels, ValidBatch, ZoneTrafficRow
+from collector.model import (
+    MAX_BATCH_SPAN_MS,
+    SAMPLE_COLUMNS,
+    AgentHello,
+    HostLabels,
+    ValidBatch,
+    ZoneTrafficRow,
+)
 from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
 INT64_MAX = 2**63 - 1
@@ -34,23 +41,7 @@ MAX_UTILIZATION = 1000.0
 # 10 Tbit/s: above any link a host has; also keeps sum() of a batch's rates finite.
 MAX_BPS = 1e13
 
-_SAMPLE_FIELDS = (
-    "interface",
-    "rx_bytes",
-    "tx_bytes",
-    "rx_packets",
-    "tx_packets",
-    "rx_errors",
-    "tx_errors",
-    "rx_drops",
-    "tx_drops",
-    "interval_ms",
-    "rx_bps",
-    "tx_bps",
-    "speed_bps",
-    "utilization",
-    "counter_reset",
-)
+_SAMPLE_FIELDS = SAMPLE_COLUMNS[1:]  # every column but time_ms, which the fact carries
 _sample_of = attrgetter("interface_sample")
 _interface_of = attrgetter("interface")
 _FIELD_GETTERS = tuple(attrgetter(name) for name in _SAMPLE_FIELDS[1:])

@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
+from collector.model import SAMPLE_COLUMNS
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -107,16 +108,7 @@ def _scaled(column: str) -> str:
     )
 
 
-_COUNTERS = (
-    "rx_bytes",
-    "tx_bytes",
-    "rx_packets",
-    "tx_packets",
-    "rx_errors",
-    "tx_errors",
-    "rx_drops",
-    "tx_drops",
-)
+_COUNTERS = SAMPLE_COLUMNS[2:10]  # rx/tx bytes, packets, errors, drops
 INTERFACES = _Source(
     "interface_samples",
     "interface_rollups",
