@@ -37,6 +37,13 @@ class AgentConfig:
     # Count bytes per zone with nftables (a table of our own, removed on exit) once the
     # collector sends a zone catalog. Needs CAP_NET_ADMIN.
     zone_accounting: bool = True
+    # Capture packets on the watched interfaces and report flows with their owning process.
+    # Needs CAP_NET_RAW.
+    flows: bool = True
+    # A flow with no packet for this long is closed and reported; one active longer is
+    # reported every flow_active_timeout_s while it runs.
+    flow_idle_timeout_s: float = 30.0
+    flow_active_timeout_s: float = 120.0
     # Batches sent ahead of their acks on one stream.
     window: int = 32
     # A stream whose oldest unacked batch waits longer than this is torn down and retried.
@@ -59,6 +66,9 @@ _FILE_KEYS = {
     "hostname": str,
     "spool_max_mb": int,
     "zone_accounting": bool,
+    "flows": bool,
+    "flow_idle_timeout": (int, float),
+    "flow_active_timeout": (int, float),
 }
 
 
@@ -129,6 +139,8 @@ def _read_file(path: Path) -> dict[str, Any]:
             values["interfaces"] = tuple(value)
         elif key == "state_dir":
             values["state_dir"] = Path(value)
+        elif key in ("flow_idle_timeout", "flow_active_timeout"):
+            values[f"{key}_s"] = float(value)
         elif key == "spool_max_mb":
             values["spool_max_bytes"] = value * 1024 * 1024
         else:

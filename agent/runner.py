@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 from agent import __version__
+from agent.aggregate.flowwatch import FlowMonitor
 from agent.config import AgentConfig
 from agent.errors import AgentError, SensorError, TransportError
 from agent.health import Health, SelfMonitor
@@ -19,7 +22,8 @@ from agent.sensors.accounting import NftAccountant, ZoneDelta, ZoneTrafficSample
 from agent.sensors.interfaces import InterfaceSample, InterfaceSampler
 from agent.spool import Spool
 from agent.transport import Transport
-from agent.wire import batch_request, health_fact, hello_request, zone_traffic_fact
+from agent.wire import batch_request, flow_fact, health_fact, hello_request, zone_traffic_fact
+from agent.zonemap import ZoneMap
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,9 @@ class Agent:
             self.sensors["zone_accounting"] = "waiting for a zone catalog from the collector"
         else:
             self.sensors["zone_accounting"] = "off: disabled in the agent's configuration"
+        self.flows: FlowMonitor | None = None
+        self._zone_map = ZoneMap()
+        self.sensors["flows"] = "starting" if config.flows else "off: disabled in the agent's configuration"
         self.transport = Transport(
             config.collector,
             self.spool,
@@ -76,6 +83,9 @@ class Agent:
         samples = self._sampler.sample()
         time_ms = self._clock_ms()
         extra = [zone_traffic_fact(delta, time_ms) for delta in self._zone_deltas()]
+        if self.flows is not None:
+            extra += [flow_fact(flow, time_ms) for flow in self.flows.collect()]
+            self.sensors["flows"] = self.flows.status()
         extra.append(health_fact(self._health(), time_ms))
         return self.spool_batch(samples, extra, time_ms)
 
@@ -111,6 +121,8 @@ class Agent:
         log.info(
             "agent %s reporting to %s every %.1f s", self.agent_id, self.config.collector, self.interval_s
         )
+        if self.config.flows:
+            self.start_flows()
         tasks = [
             asyncio.create_task(self._sample_loop(stop), name="sample"),
             asyncio.create_task(self.transport.run(stop), name="transport"),
@@ -124,6 +136,15 @@ class Agent:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if self.flows is not None:
+                # Flows still open are reported now, not lost: one last batch for the next run to send.
+                remaining = self.flows.close()
+                if remaining:
+                    now = self._clock_ms()
+                    try:
+                        self.spool_batch([], [flow_fact(f, now) for f in remaining], now)
+                    except AgentError as exc:
+                        log.error("could not spool the last flows: %s", exc)
             await self.transport.close()
             self.spool.close()
             if self.accountant is not None and self._zone_sampler is not None:
@@ -178,8 +199,26 @@ class Agent:
         self.policy_version = self.transport.policy_version = update.version
         log.info("policy %s applied: interval %.0f s", update.version, self.interval_s)
 
+    def start_flows(self) -> None:
+        """Capture on the watched interfaces (all that are up but loopback, unless configured)."""
+        names = list(self.config.interfaces) or [
+            name for name, st in psutil.net_if_stats().items() if st.isup and name != "lo"
+        ]
+        self.flows = FlowMonitor(
+            names,
+            self._zone_map,
+            idle_timeout_s=self.config.flow_idle_timeout_s,
+            active_timeout_s=self.config.flow_active_timeout_s,
+        )
+        self.sensors["flows"] = self.flows.status()
+        if not self.flows.engines:
+            log.warning("flows %s", self.sensors["flows"])
+
     def _apply_zones(self, update: PolicyUpdate) -> None:
         self._zones_version = update.zones_version
+        self._zone_map = ZoneMap(update.zones)
+        if self.flows is not None:
+            self.flows.set_zones(self._zone_map)
         if self.accountant is None:
             return
         if not update.zones:

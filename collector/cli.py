@@ -30,6 +30,7 @@ examples:
   zonewatch-collector bandwidth --agent web-01 --iface eth0 --since 2026-11-27 --until 2026-11-28 --format csv
   zonewatch-collector watch
   zonewatch-collector traffic --by zone --since 24h
+  zonewatch-collector flows --zone 公安专网 --since 24h --top 20
   zonewatch-collector retention
   zonewatch-collector serve --raw-hours 72 --minute-days 90 --hour-days 730
   zonewatch-collector zones validate /etc/zonewatch/zones.yaml
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=RetentionPolicy.raw_hours,
         metavar="HOURS",
-        help=f"keep raw interface samples and zone traffic this long (default {RetentionPolicy.raw_hours})",
+        help="keep raw interface samples, zone traffic and flows this long "
+        f"(default {RetentionPolicy.raw_hours})",
     )
     serve.add_argument(
         "--minute-days",
@@ -207,6 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="rates are computed per bucket of this length (default 1m)",
     )
+
+    fl = sub.add_parser(
+        "flows",
+        help="which program on which host talks to which remote endpoint and zone, and how much",
+        description="Flows the agents reported, summed per agent, process, remote address and port, "
+        "protocol and remote zone: how many flows, bytes each way, packets, first and last seen; most "
+        "bytes first. The list a migration acts on: which program still talks to a dedicated network.",
+    )
+    _db_arg(fl)
+    _format_arg(fl)
+    fl.add_argument("--agent", help="agent id, id prefix (4+ chars) or hostname")
+    fl.add_argument("--zone", help="only flows with this remote zone")
+    fl.add_argument(
+        "--process", help="only flows whose process name or command line contains this (any case)"
+    )
+    _range_args(fl)
+    fl.add_argument("--top", type=int, help="only the N groups with the most bytes")
 
     ret = sub.add_parser(
         "retention",
@@ -399,6 +418,28 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flows(args: argparse.Namespace) -> int:
+    from collector.output import FLOW_COLUMNS, check_range, parse_time, render
+    from collector.store.flows import flows
+    from collector.store.queries import resolve_agent
+
+    db = _open(args)
+    now = now_ms()
+    since_ms, until_ms = parse_time(args.since, now), parse_time(args.until, now)
+    check_range(since_ms, until_ms)
+    rows = flows(
+        db,
+        since_ms=since_ms,
+        until_ms=until_ms,
+        agent=resolve_agent(db, args.agent) if args.agent else None,
+        zone=args.zone,
+        process=args.process,
+        top=args.top,
+    )
+    render(rows, args.format, FLOW_COLUMNS, sys.stdout)
+    return 0
+
+
 def cmd_retention(args: argparse.Namespace) -> int:
     from collector.output import RETENTION_COLUMNS, render
     from collector.store.retention_view import retention_status
@@ -462,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "watch": cmd_watch,
         "zones": cmd_zones,
         "traffic": cmd_traffic,
+        "flows": cmd_flows,
         "retention": cmd_retention,
     }
     try:

@@ -59,6 +59,31 @@ class ZoneTrafficRow(NamedTuple):
     sampling_rate: float  # 1.0 = every packet seen
 
 
+class FlowRow(NamedTuple):
+    """One closed 5-tuple flow; the process fields are "" / 0 when the agent could not attribute it."""
+
+    time_ms: int
+    ip_protocol: int
+    local_addr: str  # normalized (ipaddress)
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    interface: str
+    bytes_out: int
+    bytes_in: int
+    packets_out: int
+    packets_in: int
+    start_ms: int
+    end_ms: int
+    tcp_flags: int
+    remote_zone: str
+    initiated_locally: bool
+    pid: int
+    process: str
+    user: str
+    cmdline: str
+
+
 @dataclass(frozen=True, slots=True)
 class ValidBatch:
     """A batch that passed validation, ready for the writer."""
@@ -77,6 +102,8 @@ class ValidBatch:
     other_rows: list[tuple[int, str, bytes]]
     # Zone traffic facts, one ZoneTrafficRow each (a handful per batch: no hot path).
     zone_rows: list[ZoneTrafficRow] = field(default_factory=list)
+    # Flow facts, one FlowRow each.
+    flow_rows: list[FlowRow] = field(default_factory=list)
 
     @property
     def sample_count(self) -> int:
@@ -84,7 +111,7 @@ class ValidBatch:
 
     @property
     def fact_count(self) -> int:
-        return self.sample_count + len(self.other_rows) + len(self.zone_rows)
+        return self.sample_count + len(self.other_rows) + len(self.zone_rows) + len(self.flow_rows)
 
     @staticmethod
     def columns_of(rows: Sequence[Sequence[Any]]) -> SampleColumns:

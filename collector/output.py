@@ -136,6 +136,21 @@ TRAFFIC_COLUMNS: tuple[Column, ...] = (
     Column("utilization_peak", "load peak", "percent"),
 )
 
+FLOW_COLUMNS: tuple[Column, ...] = (
+    Column("hostname", "host"),
+    Column("process", "process"),
+    Column("remote_addr", "remote"),
+    Column("remote_port", "port"),
+    Column("ip_protocol", "proto"),
+    Column("remote_zone", "zone"),
+    Column("flows", "flows", "int"),
+    Column("bytes_out", "out", "bytes"),
+    Column("bytes_in", "in", "bytes"),
+    Column("packets", "packets", "int"),
+    Column("first_ms", "first", "time"),
+    Column("last_ms", "last", "time"),
+)
+
 # Raw interface samples show the time range of the batches holding them; rollups, bucket starts.
 RETENTION_COLUMNS: tuple[Column, ...] = (
     Column("data", "data"),
@@ -153,6 +168,7 @@ _EMPTY = {
     BANDWIDTH_SUMMARY_COLUMNS: "no samples in range",
     ZONE_COLUMNS: "no zones",
     TRAFFIC_COLUMNS: "no zone traffic in range",
+    FLOW_COLUMNS: "no flows in range",
     ZONE_LOOKUP_COLUMNS: "no addresses",
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from ipaddress import ip_address
 from operator import attrgetter, methodcaller
 from typing import Any
 
@@ -20,6 +21,7 @@ from collector.model import (
     MAX_BATCH_SPAN_MS,
     SAMPLE_COLUMNS,
     AgentHello,
+    FlowRow,
     HostLabels,
     ValidBatch,
     ZoneTrafficRow,
@@ -36,6 +38,7 @@ MAX_ID_LEN = 128
 MAX_LABEL_LEN = 128
 MAX_HOSTNAME_LEN = 253
 MAX_INTERFACE_LEN = 64
+MAX_CMDLINE_LEN = 1024
 # Utilization above 1 happens when a driver under-reports link speed; 1000x is nonsense.
 MAX_UTILIZATION = 1000.0
 # 10 Tbit/s: above any link a host has; also keeps sum() of a batch's rates finite.
@@ -126,6 +129,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     names = list(map(_interface_of, subs))
     others: list[tuple[int, str, bytes]] = []
     zone_rows: list[ZoneTrafficRow] = []
+    flow_rows: list[FlowRow] = []
     # Every fact is an interface sample when every name is set: a fact of another
     # kind reads as an empty sample. So the common case needs no WhichOneof per fact.
     if min(map(len, names)) >= 1:
@@ -145,6 +149,9 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                     _zone_traffic(fact.zone_traffic, times[index], f"batch.facts[{index}].zone_traffic")
                 )
                 continue
+            if kind == "flow":
+                flow_rows.append(_flow(fact.flow, times[index], f"batch.facts[{index}].flow", latest))
+                continue
             if kind is None and not len(UnknownFieldSet(fact)):
                 raise ValidationError(f"batch.facts[{index}]", "has no fact kind set")
             # Kinds without a table yet, and kinds newer than this collector
@@ -152,7 +159,16 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
             others.append((times[index], kind or "unknown", fact.SerializeToString()))
         if not subs:
             return ValidBatch(
-                agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, (), others, zone_rows
+                agent_id,
+                msg.seq,
+                msg.sent_ms,
+                received_ms,
+                first_ms,
+                last_ms,
+                (),
+                others,
+                zone_rows,
+                flow_rows,
             )
     # One C-level pass per field; lists, not tuples: cheaper to build, and marshal takes both.
     columns: list[Any] = [names, *(list(map(getter, subs)) for getter in _FIELD_GETTERS)]
@@ -180,7 +196,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
         raise ValidationError("batch.facts", "failed validation")  # the per-sample pass must have named it
     columns.insert(0, sample_times)
     return ValidBatch(
-        agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows
+        agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows, flow_rows
     )
 
 
@@ -210,6 +226,46 @@ def _zone_traffic(msg: facts_pb2.ZoneTraffic, time_ms: int, prefix: str) -> Zone
     return ZoneTrafficRow(
         time_ms, zone, interface, msg.bytes_in, msg.bytes_out, msg.packets_in, msg.packets_out,
         msg.window_ms, msg.method, rate,
+    )  # fmt: skip
+
+
+def _flow(msg: facts_pb2.Flow, time_ms: int, prefix: str, latest: int) -> FlowRow:
+    """Slow path (flows are not the hot kind): every field checked, errors name it."""
+    if msg.ip_protocol > 255:
+        raise ValidationError(f"{prefix}.ip_protocol", f"must be in [0, 255], got {msg.ip_protocol}")
+    addresses = []
+    for name in ("local_addr", "remote_addr"):
+        text = getattr(msg, name)
+        try:
+            addresses.append(str(ip_address(text)))
+        except ValueError:
+            raise ValidationError(f"{prefix}.{name}", f"is not an IP address: {text[:64]!r}") from None
+    for name in ("local_port", "remote_port"):
+        if getattr(msg, name) > 65535:
+            raise ValidationError(f"{prefix}.{name}", f"must be in [0, 65535], got {getattr(msg, name)}")
+    for name in ("bytes_out", "bytes_in", "packets_out", "packets_in"):
+        if getattr(msg, name) > INT64_MAX:
+            raise ValidationError(
+                f"{prefix}.{name}", f"{getattr(msg, name)} is out of range (at most {INT64_MAX})"
+            )
+    _check_time(msg.start_ms, f"{prefix}.start_ms", latest)
+    _check_time(msg.end_ms, f"{prefix}.end_ms", latest)
+    if msg.start_ms > msg.end_ms:
+        raise ValidationError(f"{prefix}.start_ms", f"{msg.start_ms} is after end_ms {msg.end_ms}")
+    if msg.tcp_flags > 255:
+        raise ValidationError(f"{prefix}.tcp_flags", f"must be in [0, 255], got {msg.tcp_flags}")
+    remote_zone = _text(msg.remote_zone, f"{prefix}.remote_zone", MAX_LABEL_LEN)
+    interface = _text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN)
+    process = msg.process
+    if process.pid < 0:
+        raise ValidationError(f"{prefix}.process.pid", f"must be >= 0, got {process.pid}")
+    name = _text(process.name, f"{prefix}.process.name", MAX_LABEL_LEN)
+    user = _text(process.user, f"{prefix}.process.user", MAX_LABEL_LEN)
+    cmdline = _text(process.cmdline, f"{prefix}.process.cmdline", MAX_CMDLINE_LEN)
+    return FlowRow(
+        time_ms, msg.ip_protocol, addresses[0], msg.local_port, addresses[1], msg.remote_port, interface,
+        msg.bytes_out, msg.bytes_in, msg.packets_out, msg.packets_in, msg.start_ms, msg.end_ms,
+        msg.tcp_flags, remote_zone, msg.initiated_locally, process.pid, name, user, cmdline,
     )  # fmt: skip
 
 

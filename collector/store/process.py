@@ -21,13 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from collector.errors import CollectorError, StoreError
-from collector.model import AgentHello, CatalogRow, HostLabels, Settled, ValidBatch, ZoneTrafficRow
+from collector.model import (
+    AgentHello,
+    CatalogRow,
+    FlowRow,
+    HostLabels,
+    Settled,
+    ValidBatch,
+    ZoneTrafficRow,
+)
 from collector.store.database import open_database
 from collector.store.retention import Maintenance, MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected, Writer
 
 _BATCH_FIELDS = tuple(f.name for f in fields(ValidBatch))
 _ZONE_ROWS = _BATCH_FIELDS.index("zone_rows")
+_FLOW_ROWS = _BATCH_FIELDS.index("flow_rows")
 
 
 def _encode_item(item: ValidBatch | Rejected) -> tuple[Any, ...]:
@@ -35,6 +44,7 @@ def _encode_item(item: ValidBatch | Rejected) -> tuple[Any, ...]:
         # marshal takes plain tuples only, not NamedTuples.
         values = [getattr(item, name) for name in _BATCH_FIELDS]
         values[_ZONE_ROWS] = [tuple(row) for row in item.zone_rows]
+        values[_FLOW_ROWS] = [tuple(row) for row in item.flow_rows]
         return ("B", *values)
     return ("R", *item)
 
@@ -43,6 +53,7 @@ def _decode_item(data: tuple[Any, ...]) -> ValidBatch | Rejected:
     if data[0] == "B":
         values = list(data[1:])
         values[_ZONE_ROWS] = [ZoneTrafficRow(*row) for row in values[_ZONE_ROWS]]
+        values[_FLOW_ROWS] = [FlowRow(*row) for row in values[_FLOW_ROWS]]
         return ValidBatch(*values)
     return Rejected(*data[1:])
 

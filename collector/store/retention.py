@@ -42,7 +42,7 @@ INT64_MAX = 2**63 - 1
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    # Raw interface samples and zone traffic are kept this long (by the facts' own time).
+    # Raw interface samples, zone traffic and flows are kept this long (by the facts' own time).
     raw_hours: int = 48
     # Per-minute rollups are kept this long.
     minute_days: int = 30
@@ -68,6 +68,7 @@ class MaintenanceReport(NamedTuple):
     pruned_samples: int
     pruned_batches: int  # batches whose sample range was released (the rows stay)
     pruned_zone_rows: int
+    pruned_flow_rows: int
     pruned_minute_rollups: int
     pruned_hour_rollups: int
     # Rollup rows whose sums reached INT64_MAX and were held there.
@@ -82,6 +83,7 @@ class MaintenanceReport(NamedTuple):
             + self.rolled_zone_rows
             + self.pruned_samples
             + self.pruned_zone_rows
+            + self.pruned_flow_rows
             + self.pruned_minute_rollups
             + self.pruned_hour_rollups
         )
@@ -214,6 +216,7 @@ class Maintenance:
             part("rolled_zone_rows", lambda budget: self._roll(ZONES, now_ms, budget, counts))
             part("pruned_samples", lambda budget: self._prune_samples(raw_before, budget, counts))
             part("pruned_zone_rows", lambda budget: self._prune_zone_traffic(raw_before, budget))
+            part("pruned_flow_rows", lambda budget: self._prune_flows(raw_before, budget))
             for resolution, keep_days, name in (
                 (MINUTE_MS, policy.minute_days, "pruned_minute_rollups"),
                 (HOUR_MS, policy.hour_days, "pruned_hour_rollups"),
@@ -321,6 +324,16 @@ class Maintenance:
             ).rowcount
             if deleted:
                 self._keep_cursor_below_new_ids(ZONES)
+        return deleted, deleted < budget
+
+    def _prune_flows(self, before_ms: int, budget: int) -> tuple[int, bool]:
+        """Flows have no rollups: delete the oldest raw rows, a bounded batch at a time."""
+        with _transaction(self._db):
+            deleted = self._db.execute(
+                "DELETE FROM flows WHERE id IN"
+                " (SELECT id FROM flows WHERE time_ms < ? ORDER BY time_ms LIMIT ?)",
+                (before_ms, budget),
+            ).rowcount
         return deleted, deleted < budget
 
     def _keep_cursor_below_new_ids(self, src: _Source) -> None:

@@ -230,11 +230,45 @@ INSERT INTO retention_state VALUES
     ('zone_traffic', 60000, 0, 0), ('zone_traffic', 3600000, 0, 0);
 """
 
+FLOWS = """
+-- One row per closed 5-tuple flow, with the process the agent attributed it to
+-- ("" / 0 when unattributed). Raw only: pruned with the raw tier (raw_hours).
+CREATE TABLE flows (
+    id INTEGER PRIMARY KEY,
+    agent INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    ip_protocol INTEGER NOT NULL,
+    local_addr TEXT NOT NULL,
+    local_port INTEGER NOT NULL,
+    remote_addr TEXT NOT NULL,
+    remote_port INTEGER NOT NULL,
+    interface TEXT NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    packets_out INTEGER NOT NULL,
+    packets_in INTEGER NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER NOT NULL,
+    tcp_flags INTEGER NOT NULL,
+    remote_zone TEXT NOT NULL,
+    initiated_locally INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    process TEXT NOT NULL,
+    user TEXT NOT NULL,
+    cmdline TEXT NOT NULL
+);
+CREATE INDEX flows_by_time ON flows (time_ms);
+CREATE INDEX flows_by_agent ON flows (agent, time_ms);
+CREATE INDEX flows_by_zone ON flows (remote_zone, time_ms);
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
     ("zone traffic and the zone catalog", ZONES),
     ("rollups: per-minute and per-hour sums, retention state, zone traffic ids", ROLLUPS),
+    ("flows", FLOWS),
 ]
 
 

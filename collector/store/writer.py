@@ -12,7 +12,7 @@ from itertools import count, repeat
 from typing import NamedTuple
 
 from collector.errors import StoreError
-from collector.model import AgentHello, CatalogRow, Settled, ValidBatch
+from collector.model import AgentHello, CatalogRow, FlowRow, Settled, ValidBatch
 
 
 class Rejected(NamedTuple):
@@ -31,6 +31,11 @@ _INSERT_SAMPLES = "INSERT INTO interface_samples VALUES (" + ", ".join("?" * 19)
 _INSERT_ZONE_TRAFFIC = (
     "INSERT INTO zone_traffic (agent, seq, time_ms, zone, interface, bytes_in, bytes_out, packets_in,"
     " packets_out, window_ms, method, sampling_rate) VALUES (" + ", ".join("?" * 12) + ")"
+)
+_FLOW_FIELDS = FlowRow._fields
+_INSERT_FLOWS = (
+    f"INSERT INTO flows (agent, seq, {', '.join(_FLOW_FIELDS)})"
+    f" VALUES ({', '.join('?' * (2 + len(_FLOW_FIELDS)))})"
 )
 _INSERT_BATCHES = "INSERT INTO batches VALUES (" + ", ".join("?" * 10) + ")"
 
@@ -138,6 +143,7 @@ class Writer:
         samples: list[tuple[object, ...]] = []
         others: list[tuple[object, ...]] = []
         zone_rows: list[tuple[object, ...]] = []
+        flow_rows: list[tuple[object, ...]] = []
         batch_rows: list[tuple[object, ...]] = []
         gaps: list[tuple[int, int, int, int]] = []
         refused: list[Rejected] = []
@@ -223,6 +229,7 @@ class Writer:
             )  # fmt: skip
             others.extend([(key, seq, *row) for row in item.other_rows])
             zone_rows.extend([(key, seq, *row) for row in item.zone_rows])
+            flow_rows.extend([(key, seq, *row) for row in item.flow_rows])
             settled_now.add((item.agent_id, seq))
             seen[item.agent_id] = (seq, item.received_ms, item.sent_ms - item.received_ms)
             outcomes.append(Settled(seq, False, gap_from, gap_to))
@@ -242,6 +249,8 @@ class Writer:
                     db.executemany("INSERT INTO other_facts VALUES (?, ?, ?, ?, ?)", others)
                 if zone_rows:
                     db.executemany(_INSERT_ZONE_TRAFFIC, zone_rows)
+                if flow_rows:
+                    db.executemany(_INSERT_FLOWS, flow_rows)
                 if gaps:
                     db.executemany("INSERT INTO sequence_gaps VALUES (?, ?, ?, ?)", gaps)
                 if refused:

@@ -297,3 +297,90 @@ def test_zone_traffic_is_stored(server: Collector) -> None:
     rows = con.execute("SELECT zone, bytes_in, bytes_out, method, sampling_rate FROM zone_traffic").fetchall()
     con.close()
     assert ("公安专网", 10, 20, "nftables", 1.0) in rows
+
+
+def _flow(**changes: Any) -> facts_pb2.Flow:
+    t = now_ms()
+    values: dict[str, Any] = {
+        "ip_protocol": 6,
+        "local_addr": "10.10.3.4",
+        "local_port": 51000,
+        "remote_addr": "172.20.1.9",
+        "remote_port": 443,
+        "interface": "eth0",
+        "bytes_out": 1200,
+        "bytes_in": 5600,
+        "packets_out": 10,
+        "packets_in": 12,
+        "start_ms": t - 5000,
+        "end_ms": t,
+        "tcp_flags": 0x1B,
+        "remote_zone": "公安专网",
+        "initiated_locally": True,
+        "process": facts_pb2.ProcessRef(pid=4242, name="java", user="app", cmdline="java -jar 审批.jar"),
+    }
+    values.update(changes)
+    return facts_pb2.Flow(**values)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"remote_addr": "172.20.1.999"}, "remote_addr"),
+        ({"local_addr": ""}, "local_addr"),
+        ({"remote_port": 70000}, "remote_port"),
+        ({"start_ms": now_ms() + 60_000, "end_ms": now_ms()}, "start_ms"),
+        ({"ip_protocol": 300}, "ip_protocol"),
+        ({"tcp_flags": 256}, "tcp_flags"),
+        ({"bytes_in": 2**63}, "bytes_in"),
+        ({"end_ms": 5}, "end_ms"),
+        ({"remote_zone": "z\x1b[31m"}, "remote_zone"),
+        ({"process": facts_pb2.ProcessRef(pid=-1)}, "process.pid"),
+        ({"process": facts_pb2.ProcessRef(cmdline="x" * 1025)}, "process.cmdline"),
+        ({"process": facts_pb2.ProcessRef(cmdline="rm\n-rf")}, "process.cmdline"),
+    ],
+)
+def test_invalid_flow(server: Collector, change: dict[str, Any], field: str) -> None:
+    stream = Stream(server.target, f"flow-{field}")
+    t = now_ms()
+    msg = batch_request(1, t, t, [sample()])
+    msg.batch.facts.append(facts_pb2.Fact(time_ms=t, flow=_flow(**change)))
+    reply = stream.send(msg.SerializeToString())
+    assert reply.WhichOneof("body") == "rejection"
+    assert reply.rejection.code == INVALID
+    assert reply.rejection.field == f"batch.facts[1].flow.{field}"
+    assert stream.batch(2).ack.acked_seq == 2
+    stream.close()
+    con = sqlite3.connect(server.db)
+    (count,) = con.execute(
+        "SELECT count(*) FROM flows JOIN agents ON agents.id = flows.agent WHERE agent_id = ?",
+        (stream.agent_id,),
+    ).fetchone()
+    con.close()
+    assert count == 0
+
+
+def test_flow_is_stored(server: Collector) -> None:
+    stream = Stream(server.target, "flow-good")
+    t = now_ms()
+    msg = batch_request(1, t, t, [sample()])
+    msg.batch.facts.append(facts_pb2.Fact(time_ms=t, flow=_flow(remote_addr="FD20:0::0008")))
+    # Unattributed: no process at all.
+    msg.batch.facts.append(facts_pb2.Fact(time_ms=t, flow=_flow(ip_protocol=17, process=None)))
+    assert stream.send(msg.SerializeToString()).ack.acked_seq == 1
+    stream.close()
+    con = sqlite3.connect(server.db)
+    rows = con.execute(
+        "SELECT ip_protocol, remote_addr, remote_port, remote_zone, bytes_out, bytes_in, tcp_flags,"
+        " initiated_locally, pid, process, user, cmdline FROM flows JOIN agents ON agents.id = flows.agent"
+        " WHERE agent_id = 'flow-good' ORDER BY ip_protocol"
+    ).fetchall()
+    (facts,) = con.execute(
+        "SELECT facts FROM batches JOIN agents ON agents.id = batches.agent WHERE agent_id = 'flow-good'"
+    ).fetchone()
+    con.close()
+    assert rows == [
+        (6, "fd20::8", 443, "公安专网", 1200, 5600, 0x1B, 1, 4242, "java", "app", "java -jar 审批.jar"),
+        (17, "172.20.1.9", 443, "公安专网", 1200, 5600, 0x1B, 1, 0, "", "", ""),
+    ]
+    assert facts == 3

@@ -593,7 +593,7 @@ def test_running_again_changes_nothing(fleet: Fleet, db: sqlite3.Connection, pat
     run_until_done(maintenance, now)
     before = dump(path)
     again = maintenance.run_step(now)
-    assert again == MaintenanceReport(0, 0, 0, 0, 0, 0, 0, 0, True)
+    assert again == MaintenanceReport(0, 0, 0, 0, 0, 0, 0, 0, 0, True)
     assert Maintenance(db).run_step(now) == again
     assert dump(path) == before
 

@@ -154,3 +154,70 @@ def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agen
         assert "zonewatch" not in host.run("nft", "list", "tables").stdout
         collector.terminate()
         assert collector.wait(20) == 0
+
+
+SINK = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+conn, _ = server.accept()
+while conn.recv(65536):
+    pass
+"""
+LEGACY_CLIENT = """
+import socket, sys, time
+# A legacy application that still talks to the dedicated network over a long-lived connection.
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+conn.sendall(b"x" * 200_000)
+time.sleep(30)
+"""
+
+
+def test_flows_name_the_program_still_using_the_dedicated_network(tmp_path: Path) -> None:
+    require_root_netns()
+    db = tmp_path / "collector.db"
+    zones = tmp_path / "zones.yaml"
+    zones.write_text(CATALOG, encoding="utf-8")
+    client = tmp_path / "ga_legacy_client.py"
+    client.write_text(LEGACY_CLIENT, encoding="utf-8")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'interval = 1\nflow_idle_timeout = 2\n[labels]\ndepartment = "市公安局"\n', encoding="utf-8"
+    )
+    with TestNetwork() as net:
+        central = net.add_host("coll", "extranet")
+        host = net.add_host("agent", "extranet", "dedicated")
+        peer = net.add_host("pded", "dedicated")
+        listen = f"{central.addr4['extranet']}:7390"
+        central.popen(
+            sys.executable, "-m", "collector.cli", "serve", "--db", str(db), "--listen", listen,
+            "--zones", str(zones), "--sample-interval", "1",
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        agent = host.popen(
+            sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--collector", listen,
+            "--state-dir", str(tmp_path / "agent"), "--hostname", "ga-ws-02",
+        )  # fmt: skip
+        next_tick(db, 0, timeout=30)  # the agent runs, with the catalog
+        server = peer.addr4["dedicated"]
+        peer.python_popen("-c", SINK, server, "9443")
+        time.sleep(0.5)
+        host.python_popen(str(client), server, "9443")
+        found: list[dict[str, object]] = []
+        deadline = time.monotonic() + 40
+        while not found and time.monotonic() < deadline:
+            time.sleep(1)
+            rows = cli_json(
+                "zonewatch-collector", "flows", "--db", str(db), "--zone", "公安专网", "--since", "10m"
+            )
+            found = [r for r in rows if r["remote_port"] == 9443]
+        assert found, "no flow to the dedicated network was reported"
+        (flow,) = found
+        # The planner's answer: which program on which host still uses the dedicated network, and how much.
+        assert flow["hostname"] == "ga-ws-02"
+        assert "python" in str(flow["process"])
+        assert flow["remote_addr"] == server and flow["ip_protocol"] == 6
+        assert int(flow["bytes_out"]) >= 200_000  # type: ignore[call-overload]
+        agent.terminate()
+        assert agent.wait(20) == 0

@@ -1,0 +1,165 @@
+"""The flows view: flows summed per host, process, remote endpoint, protocol and zone."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from collector.errors import QueryError
+from collector.model import AgentHello, FlowRow, HostLabels, ValidBatch
+from collector.store import open_database
+from collector.store.flows import flows
+from collector.store.queries import resolve_agent
+from collector.store.retention import HOUR_MS, Maintenance, RetentionPolicy
+from collector.store.writer import Writer
+
+T0 = 1_795_000_000_000
+MINUTE = 60_000
+POLICE = "公安专网"
+VERTICAL = "省电子政务外网（纵向）"
+
+
+def flow(
+    time_ms: int,
+    remote: str,
+    port: int,
+    zone: str,
+    out: int,
+    in_: int,
+    process: str = "",
+    cmdline: str = "",
+    protocol: int = 6,
+) -> FlowRow:
+    return FlowRow(
+        time_ms, protocol, "10.10.3.4", 50_000, remote, port, "eth0", out, in_, 2, 3,
+        time_ms - 5000, time_ms, 0x1B, zone, True, 100 if process else 0, process,
+        "app" if process else "", cmdline,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    path = tmp_path / "c.db"
+    writer = Writer(open_database(path))
+    for agent_id in ("a1", "a2"):
+        writer.register(AgentHello(agent_id, f"host-{agent_id}", "t", HostLabels(), "", T0), T0)
+    seq = {"a1": 0, "a2": 0}
+
+    def send(agent_id: str, *rows: FlowRow) -> None:
+        seq[agent_id] += 1
+        t = rows[0].time_ms
+        writer.commit([ValidBatch(agent_id, seq[agent_id], t, t, t, t, (), [], [], list(rows))])
+
+    send(
+        "a1",
+        flow(T0 + 1000, "172.20.1.9", 443, POLICE, 1000, 9000, "java", "java -jar 审批.jar"),
+        flow(T0 + 2000, "172.20.1.9", 443, POLICE, 500, 500, "java", "java -jar 审批.jar"),
+        flow(T0 + 3000, "10.10.0.8", 53, VERTICAL, 80, 120, "systemd-resolved", protocol=17),
+    )
+    send("a1", flow(T0 + 2 * MINUTE, "172.20.1.9", 443, POLICE, 10, 10))  # unattributed
+    send("a2", flow(T0 + MINUTE, "172.20.7.7", 8080, POLICE, 300, 300, "curl", "curl http://172.20.7.7"))
+    return path
+
+
+@pytest.fixture
+def db(path: Path) -> Iterator[sqlite3.Connection]:
+    con = open_database(path, readonly=True)
+    yield con
+    con.close()
+
+
+def keys(rows: list) -> list[tuple[str, str, str, int]]:  # type: ignore[type-arg]
+    return [(r.hostname, r.process, r.remote_addr, r.remote_port) for r in rows]
+
+
+def test_groups_sum_and_sort_by_bytes(db: sqlite3.Connection) -> None:
+    rows = flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE)
+    assert keys(rows) == [
+        ("host-a1", "java", "172.20.1.9", 443),
+        ("host-a2", "curl", "172.20.7.7", 8080),
+        ("host-a1", "systemd-resolved", "10.10.0.8", 53),
+        ("host-a1", "", "172.20.1.9", 443),
+    ]
+    java = rows[0]
+    assert (java.agent_id, java.ip_protocol, java.remote_zone) == ("a1", 6, POLICE)
+    assert (java.flows, java.bytes_out, java.bytes_in, java.packets) == (2, 1500, 9500, 10)
+    assert (java.first_ms, java.last_ms) == (T0 + 1000 - 5000, T0 + 2000)
+    assert rows[2].ip_protocol == 17
+
+
+def test_filters(db: sqlite3.Connection) -> None:
+    a2 = resolve_agent(db, "host-a2")
+    assert keys(flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, agent=a2)) == [
+        ("host-a2", "curl", "172.20.7.7", 8080)
+    ]
+    police = flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, zone=POLICE)
+    assert {r.remote_zone for r in police} == {POLICE} and len(police) == 3
+    assert flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, zone=VERTICAL)[0].process == "systemd-resolved"
+    assert flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, zone="不存在") == []
+    # Substring of the process name or the command line, any case.
+    assert keys(flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, process="JAV")) == [
+        ("host-a1", "java", "172.20.1.9", 443)
+    ]
+    assert keys(flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, process="审批")) == [
+        ("host-a1", "java", "172.20.1.9", 443)
+    ]
+    assert keys(flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, process="172.20.7")) == [
+        ("host-a2", "curl", "172.20.7.7", 8080)
+    ]
+    assert flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, process="%") == []
+
+
+def test_top_and_time_bounds(db: sqlite3.Connection) -> None:
+    assert len(flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, top=2)) == 2
+    with pytest.raises(QueryError):
+        flows(db, since_ms=T0, until_ms=T0 + 3 * MINUTE, top=0)
+    # [since, until): the minute-1 and minute-2 flows are outside.
+    first_minute = flows(db, since_ms=T0, until_ms=T0 + MINUTE)
+    assert {r.hostname for r in first_minute} == {"host-a1"}
+    assert "" not in {r.process for r in first_minute}
+    assert keys(flows(db, since_ms=T0 + 2 * MINUTE, until_ms=T0 + 3 * MINUTE)) == [
+        ("host-a1", "", "172.20.1.9", 443)
+    ]
+
+
+def test_sums_beyond_int64_stay_exact(tmp_path: Path) -> None:
+    path = tmp_path / "big.db"
+    writer = Writer(open_database(path))
+    writer.register(AgentHello("a1", "h", "t", HostLabels(), "", T0), T0)
+    big = 2**63 - 1
+    rows = [flow(T0 + i, "172.20.1.9", 443, POLICE, big, big, "java") for i in range(2)]
+    writer.commit([ValidBatch("a1", 1, T0, T0, T0, T0 + 1, (), [], [], rows)])
+    (row,) = flows(open_database(path, readonly=True), since_ms=T0, until_ms=T0 + MINUTE)
+    assert (row.flows, row.bytes_out, row.bytes_in, row.packets) == (2, 2 * big, 2 * big, 10)
+
+
+def test_flows_are_pruned_with_the_raw_tier(path: Path) -> None:
+    con = open_database(path)
+    now = T0 + 2 * MINUTE + HOUR_MS  # the minute-2 flow is just inside one hour, the rest older
+    report = Maintenance(con, RetentionPolicy(raw_hours=1)).run_step(now)
+    assert report.pruned_flow_rows == 5 - 1
+    (left,) = con.execute("SELECT count(*) FROM flows").fetchone()
+    assert left == 1
+
+
+def test_cli_on_an_empty_database(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    open_database(path).close()
+    out = run_cli("zonewatch-collector", "flows", "--db", str(path), "--zone", POLICE).stdout
+    assert out.strip() == "no flows in range"
+    listed = run_cli("zonewatch-collector", "flows", "--db", str(path), "--format", "json", "--top", "5")
+    assert json.loads(listed.stdout) == []
+
+
+def test_cli_lists_flows(path: Path) -> None:
+    result = run_cli(
+        "zonewatch-collector", "flows", "--db", str(path), "--since", "2026-11-01", "--until", "2026-12-31",
+        "--process", "java", "--format", "json",
+    )  # fmt: skip
+    (row,) = json.loads(result.stdout)
+    assert (row["hostname"], row["remote_zone"], row["bytes_in"]) == ("host-a1", POLICE, 9500)
