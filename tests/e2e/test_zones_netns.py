@@ -5,13 +5,15 @@ host's interfaces carried; and a catalog edit reaches the running agent."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cli_json
-from testnet import TestNetwork, require_root_netns
+from testnet import Host, TestNetwork, require_root_netns
 
 pytestmark = pytest.mark.netns
 
@@ -31,6 +33,19 @@ zones:
     cidrs: [0.0.0.0/0, "::/0"]
 """
 ETHERNET_HEADER = 14  # veth counters count it; nftables counts IP bytes
+
+
+def start_collector(central: Host, db: Path, zones: Path) -> tuple[subprocess.Popen[Any], str]:
+    """A collector on the extranet serving the catalog; returns it and its HOST:PORT once it runs."""
+    listen = f"{central.addr4['extranet']}:7390"
+    collector = central.popen(
+        sys.executable, "-m", "collector.cli", "serve", "--db", str(db), "--listen", listen,
+        "--zones", str(zones), "--sample-interval", "1",
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not db.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return collector, listen
 
 
 def ticks(db: Path) -> tuple[int, int]:
@@ -87,14 +102,7 @@ def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agen
         peer_extranet = net.add_host("pext", "extranet")
         peer_dedicated = net.add_host("pded", "dedicated")
         peer_internet = net.add_host("pnet", "internet")
-        listen = f"{central.addr4['extranet']}:7390"
-        collector = central.popen(
-            sys.executable, "-m", "collector.cli", "serve", "--db", str(db), "--listen", listen,
-            "--zones", str(zones), "--sample-interval", "1",
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while not db.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        collector, listen = start_collector(central, db, zones)
         agent = host.popen(
             sys.executable, "-m", "agent.cli", "run", "--collector", listen, "--interval", "1",
             "--state-dir", str(tmp_path / "agent"), "--department", "市公安局", "--county", "高新区",
@@ -187,14 +195,7 @@ def test_flows_name_the_program_still_using_the_dedicated_network(tmp_path: Path
         central = net.add_host("coll", "extranet")
         host = net.add_host("agent", "extranet", "dedicated")
         peer = net.add_host("pded", "dedicated")
-        listen = f"{central.addr4['extranet']}:7390"
-        central.popen(
-            sys.executable, "-m", "collector.cli", "serve", "--db", str(db), "--listen", listen,
-            "--zones", str(zones), "--sample-interval", "1",
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while not db.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _, listen = start_collector(central, db, zones)
         agent = host.popen(
             sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--collector", listen,
             "--state-dir", str(tmp_path / "agent"), "--hostname", "ga-ws-02",
