@@ -84,6 +84,15 @@ class FlowRow(NamedTuple):
     cmdline: str
 
 
+class HealthRow(NamedTuple):
+    """The agent's own report on itself; the newest one is kept on its agents row."""
+
+    time_ms: int
+    cpu_percent: float
+    rss_bytes: int
+    sensors: str  # JSON object: sensor -> "on" / "off: <why>" / ...
+
+
 @dataclass(frozen=True, slots=True)
 class ValidBatch:
     """A batch that passed validation, ready for the writer."""
@@ -104,6 +113,8 @@ class ValidBatch:
     zone_rows: list[ZoneTrafficRow] = field(default_factory=list)
     # Flow facts, one FlowRow each.
     flow_rows: list[FlowRow] = field(default_factory=list)
+    # Health facts, also kept verbatim in other_facts (so not counted again in fact_count).
+    health_rows: list[HealthRow] = field(default_factory=list)
 
     @property
     def sample_count(self) -> int:

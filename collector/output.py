@@ -49,6 +49,8 @@ AGENT_COLUMNS: tuple[Column, ...] = (
     Column("last_seen_ms", "last seen", "time"),
     Column("clock_skew_ms", "skew ms", "int"),
     Column("status", "status", "status"),
+    Column("rss_bytes", "rss", "bytes"),
+    Column("sensors", "sensors off"),
 )
 
 BANDWIDTH_COLUMNS: tuple[Column, ...] = (

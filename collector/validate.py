@@ -8,6 +8,7 @@ checks ranges over whole tuples instead of field by field.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from ipaddress import ip_address
@@ -22,6 +23,7 @@ from collector.model import (
     SAMPLE_COLUMNS,
     AgentHello,
     FlowRow,
+    HealthRow,
     HostLabels,
     ValidBatch,
     ZoneTrafficRow,
@@ -129,6 +131,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     names = list(map(_interface_of, subs))
     others: list[tuple[int, str, bytes]] = []
     zone_rows: list[ZoneTrafficRow] = []
+    health_rows: list[HealthRow] = []
     flow_rows: list[FlowRow] = []
     # Every fact is an interface sample when every name is set: a fact of another
     # kind reads as an empty sample. So the common case needs no WhichOneof per fact.
@@ -148,6 +151,11 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                 zone_rows.append(
                     _zone_traffic(fact.zone_traffic, times[index], f"batch.facts[{index}].zone_traffic")
                 )
+                continue
+            if kind == "agent_health":
+                prefix = f"batch.facts[{index}].agent_health"
+                health_rows.append(_health(fact.agent_health, times[index], prefix))
+                others.append((times[index], kind, fact.SerializeToString()))  # the full fact, kept verbatim
                 continue
             if kind == "flow":
                 flow_rows.append(_flow(fact.flow, times[index], f"batch.facts[{index}].flow", latest))
@@ -169,6 +177,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                 others,
                 zone_rows,
                 flow_rows,
+                health_rows,
             )
     # One C-level pass per field; lists, not tuples: cheaper to build, and marshal takes both.
     columns: list[Any] = [names, *(list(map(getter, subs)) for getter in _FIELD_GETTERS)]
@@ -196,11 +205,36 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
         raise ValidationError("batch.facts", "failed validation")  # the per-sample pass must have named it
     columns.insert(0, sample_times)
     return ValidBatch(
-        agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows, flow_rows
-    )
+        agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows, flow_rows,
+        health_rows,
+    )  # fmt: skip
 
 
 ACCOUNTING_METHODS = ("nftables", "capture")
+
+
+MAX_SENSORS = 32
+MAX_SENSOR_STATUS = 512
+
+
+def _health(msg: facts_pb2.AgentHealth, time_ms: int, prefix: str) -> HealthRow:
+    if not 0.0 <= msg.cpu_percent <= 100_000.0:  # NaN fails too
+        raise ValidationError(f"{prefix}.cpu_percent", f"must be in [0, 100000], got {msg.cpu_percent}")
+    if msg.rss_bytes > INT64_MAX:
+        raise ValidationError(f"{prefix}.rss_bytes", f"{msg.rss_bytes} is out of range")
+    if len(msg.sensor_status) > MAX_SENSORS:
+        raise ValidationError(
+            f"{prefix}.sensor_status", f"has {len(msg.sensor_status)} entries, at most {MAX_SENSORS}"
+        )
+    sensors = {
+        _text(name, f"{prefix}.sensor_status", MAX_LABEL_LEN, required=True): _text(
+            status, f"{prefix}.sensor_status[{name}]", MAX_SENSOR_STATUS
+        )
+        for name, status in msg.sensor_status.items()
+    }
+    return HealthRow(
+        time_ms, msg.cpu_percent, msg.rss_bytes, json.dumps(sensors, ensure_ascii=False, sort_keys=True)
+    )
 
 
 def _zone_traffic(msg: facts_pb2.ZoneTraffic, time_ms: int, prefix: str) -> ZoneTrafficRow:

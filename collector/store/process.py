@@ -25,6 +25,7 @@ from collector.model import (
     AgentHello,
     CatalogRow,
     FlowRow,
+    HealthRow,
     HostLabels,
     Settled,
     ValidBatch,
@@ -35,16 +36,20 @@ from collector.store.retention import Maintenance, MaintenanceReport, RetentionP
 from collector.store.writer import Rejected, Writer
 
 _BATCH_FIELDS = tuple(f.name for f in fields(ValidBatch))
-_ZONE_ROWS = _BATCH_FIELDS.index("zone_rows")
-_FLOW_ROWS = _BATCH_FIELDS.index("flow_rows")
+# ValidBatch fields holding NamedTuple rows, which marshal cannot carry: sent as plain tuples.
+_ROW_TYPES = {
+    _BATCH_FIELDS.index("zone_rows"): ZoneTrafficRow,
+    _BATCH_FIELDS.index("flow_rows"): FlowRow,
+    _BATCH_FIELDS.index("health_rows"): HealthRow,
+}
 
 
 def _encode_item(item: ValidBatch | Rejected) -> tuple[Any, ...]:
     if isinstance(item, ValidBatch):
         # marshal takes plain tuples only, not NamedTuples.
         values = [getattr(item, name) for name in _BATCH_FIELDS]
-        values[_ZONE_ROWS] = [tuple(row) for row in item.zone_rows]
-        values[_FLOW_ROWS] = [tuple(row) for row in item.flow_rows]
+        for index in _ROW_TYPES:
+            values[index] = [tuple(row) for row in values[index]]
         return ("B", *values)
     return ("R", *item)
 
@@ -52,8 +57,8 @@ def _encode_item(item: ValidBatch | Rejected) -> tuple[Any, ...]:
 def _decode_item(data: tuple[Any, ...]) -> ValidBatch | Rejected:
     if data[0] == "B":
         values = list(data[1:])
-        values[_ZONE_ROWS] = [ZoneTrafficRow(*row) for row in values[_ZONE_ROWS]]
-        values[_FLOW_ROWS] = [FlowRow(*row) for row in values[_FLOW_ROWS]]
+        for index, row_type in _ROW_TYPES.items():
+            values[index] = [row_type(*row) for row in values[index]]
         return ValidBatch(*values)
     return Rejected(*data[1:])
 

@@ -6,6 +6,7 @@ become StoreError here, an operator's mistake (unknown agent, ...) a QueryError.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -36,6 +37,10 @@ class AgentRow(NamedTuple):
     last_seq: int
     clock_skew_ms: int
     status: str  # "online", "stale" or "offline"
+    cpu_percent: float = 0.0  # the agent's own CPU, % of a core, at its last health report
+    rss_bytes: int = 0
+    # Sensors that are not simply "on", with why: "zone_accounting: off: nft: not installed".
+    sensors: str = ""
 
 
 class BandwidthRow(NamedTuple):
@@ -101,12 +106,33 @@ def list_agents(
     with _translated("list agents"):
         rows = db.execute(
             "SELECT agent_id, hostname, department, county, site, role, agent_version,"
-            " policy_version, first_seen_ms, last_seen_ms, last_seq, clock_skew_ms"
+            " policy_version, first_seen_ms, last_seen_ms, last_seq, clock_skew_ms,"
+            " cpu_percent, rss_bytes, sensors"
             " FROM agents ORDER BY department, county, hostname, agent_id"
         ).fetchall()
     return [
-        AgentRow._make((*row, agent_status(now_ms, row[9], stale_after_ms, offline_after_ms))) for row in rows
+        AgentRow._make(
+            (
+                *row[:12],
+                agent_status(now_ms, row[9], stale_after_ms, offline_after_ms),
+                row[12],
+                row[13],
+                sensor_problems(row[14]),
+            )
+        )
+        for row in rows
     ]
+
+
+def sensor_problems(sensors_json: str) -> str:
+    """The sensors an operator should look at: every one not reported as plainly "on"."""
+    try:
+        sensors = json.loads(sensors_json or "{}")
+    except ValueError:
+        return ""
+    return "; ".join(
+        f"{name}: {status}" for name, status in sorted(sensors.items()) if not str(status).startswith("on")
+    )
 
 
 def resolve_agent(db: sqlite3.Connection, text: str) -> int:

@@ -263,12 +263,23 @@ CREATE INDEX flows_by_agent ON flows (agent, time_ms);
 CREATE INDEX flows_by_zone ON flows (remote_zone, time_ms);
 """
 
+AGENT_HEALTH = """
+-- The newest health report of each agent, beside its row: what operators see in
+-- `agents` (the reports themselves stay in other_facts).
+ALTER TABLE agents ADD COLUMN health_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN cpu_percent REAL NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN rss_bytes INTEGER NOT NULL DEFAULT 0;
+-- JSON object: sensor -> "on" / "off: <why>" / ...
+ALTER TABLE agents ADD COLUMN sensors TEXT NOT NULL DEFAULT '{}';
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
     ("zone traffic and the zone catalog", ZONES),
     ("rollups: per-minute and per-hour sums, retention state, zone traffic ids", ROLLUPS),
     ("flows", FLOWS),
+    ("agent health on the agents row", AGENT_HEALTH),
 ]
 
 

@@ -144,6 +144,7 @@ class Writer:
         others: list[tuple[object, ...]] = []
         zone_rows: list[tuple[object, ...]] = []
         flow_rows: list[tuple[object, ...]] = []
+        health: dict[int, tuple[object, ...]] = {}  # agent key -> newest health in this group
         batch_rows: list[tuple[object, ...]] = []
         gaps: list[tuple[int, int, int, int]] = []
         refused: list[Rejected] = []
@@ -230,6 +231,9 @@ class Writer:
             others.extend([(key, seq, *row) for row in item.other_rows])
             zone_rows.extend([(key, seq, *row) for row in item.zone_rows])
             flow_rows.extend([(key, seq, *row) for row in item.flow_rows])
+            for h in item.health_rows:
+                if key not in health or h.time_ms >= int(health[key][0]):  # type: ignore[call-overload]
+                    health[key] = (h.time_ms, h.cpu_percent, h.rss_bytes, h.sensors, key, h.time_ms)
             settled_now.add((item.agent_id, seq))
             seen[item.agent_id] = (seq, item.received_ms, item.sent_ms - item.received_ms)
             outcomes.append(Settled(seq, False, gap_from, gap_to))
@@ -251,6 +255,12 @@ class Writer:
                     db.executemany(_INSERT_ZONE_TRAFFIC, zone_rows)
                 if flow_rows:
                     db.executemany(_INSERT_FLOWS, flow_rows)
+                if health:
+                    db.executemany(
+                        "UPDATE agents SET health_ms = ?, cpu_percent = ?, rss_bytes = ?, sensors = ?"
+                        " WHERE id = ? AND health_ms <= ?",  # a replayed old report does not win
+                        list(health.values()),
+                    )
                 if gaps:
                     db.executemany("INSERT INTO sequence_gaps VALUES (?, ?, ?, ?)", gaps)
                 if refused:

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Collector, Stream, now_ms, sample
+from conftest import Collector, Stream, cli_json, now_ms, run_cli, sample
 
 from agent.wire import batch_request, hello_request
 from protos.zonewatch.v1 import agent_pb2, facts_pb2
@@ -384,3 +384,40 @@ def test_flow_is_stored(server: Collector) -> None:
         (17, "172.20.1.9", 443, "公安专网", 1200, 5600, 0x1B, 1, 0, "", "", ""),
     ]
     assert facts == 3
+
+
+def health_batch(seq: int, **health: Any) -> bytes:
+    t = now_ms()
+    msg = batch_request(seq, t, t, [sample()])
+    msg.batch.facts.append(facts_pb2.Fact(time_ms=t, agent_health=facts_pb2.AgentHealth(**health)))
+    return msg.SerializeToString()
+
+
+def test_the_agents_view_says_which_sensor_is_off_and_why(server: Collector) -> None:
+    stream = Stream(server.target, "sensors-01")
+    status = {
+        "interfaces": "on",
+        "zone_accounting": "off: nft: not installed",
+        "flows": "on: eth0: 5 packets",
+    }
+    reply = stream.send(health_batch(1, cpu_percent=0.3, rss_bytes=42_000_000, sensor_status=status))
+    assert reply.ack.acked_seq == 1
+    stream.close()
+    agents = {a["agent_id"]: a for a in cli_json("zonewatch-collector", "agents", "--db", str(server.db))}
+    row = agents["sensors-01"]
+    assert row["sensors"] == "zone_accounting: off: nft: not installed"
+    assert row["rss_bytes"] == 42_000_000 and row["cpu_percent"] == pytest.approx(0.3)
+    table = run_cli("zonewatch-collector", "agents", "--db", str(server.db)).stdout
+    assert "not installed" in table
+
+
+@pytest.mark.parametrize(
+    ("health", "field"),
+    [({"cpu_percent": math.nan}, "cpu_percent"), ({"sensor_status": {"zone\x07": "on"}}, "sensor_status")],
+)
+def test_invalid_agent_health(server: Collector, health: dict[str, Any], field: str) -> None:
+    stream = Stream(server.target, f"health-{field}")
+    reply = stream.send(health_batch(1, **health))
+    assert reply.WhichOneof("body") == "rejection"
+    assert reply.rejection.field.startswith(f"batch.facts[1].agent_health.{field}")
+    stream.close()
