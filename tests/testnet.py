@@ -17,6 +17,7 @@ so it imports only the standard library at module level.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import ipaddress
 import json
@@ -30,12 +31,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS_DIR = Path("/run/netns")
@@ -569,3 +571,38 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+_T = TypeVar("_T")
+_CLONE_NEWNET = 0x40000000
+
+
+def in_netns(target: Host | str, action: Callable[[], _T]) -> _T:
+    """Run ``action`` in a thread that joined a host's namespace; sockets it opens stay there.
+
+    For code that must run in-process (a capture engine, a socket under test) rather than in a
+    child started with ``ip netns exec``: setns() moves only the calling thread.
+    """
+    namespace = target if isinstance(target, str) else target.ns
+    libc = ctypes.CDLL(None, use_errno=True)
+    outcome: dict[str, Any] = {}
+
+    def enter_and_run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            outcome["value"] = action()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=enter_and_run)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    value: _T = outcome["value"]
+    return value

@@ -8,19 +8,18 @@ compare its counters with what the veth itself counted and with exact datagram s
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import json
 import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import pytest
+from testnet import in_netns
 
 from agent.errors import SensorError
 from agent.sensors.accounting import (
@@ -362,7 +361,6 @@ B_UNRESOLVED4, B_UNRESOLVED6 = "10.251.0.3", "fd00:251::3"  # B's, without a sta
 LINK_LOCAL_AND_MULTICAST = "链路本地与组播"
 ETHERNET_HEADER = 14
 IPERF_PORT = 5201
-CLONE_NEWNET = 0x40000000
 SO_RCVBUFFORCE = 33  # Linux; Python 3.11 has no name for it
 
 
@@ -380,34 +378,6 @@ def sh(*args: str) -> str:
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def in_netns(namespace: str, action: Callable[[], T]) -> T:
-    """Run ``action`` in a thread that has joined ``namespace``; sockets it opens stay there."""
-    outcome: dict[str, Any] = {}
-
-    def enter_and_run() -> None:
-        try:
-            fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            outcome["value"] = action()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=enter_and_run)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    value: T = outcome["value"]
-    return value
 
 
 def udp_socket(namespace: str, address: str, port: int = 0) -> socket.socket:

@@ -9,7 +9,6 @@ own ports, because the link also carries the kernel's IPv6 multicast chatter (ML
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import shutil
@@ -18,11 +17,11 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
-from testnet import Host, TestNetwork, require_root_netns
+from testnet import Host, TestNetwork, in_netns, require_root_netns
 
 from agent.errors import SensorError
 from agent.sensors.capture import (
@@ -232,34 +231,6 @@ def test_ring_sizes_the_kernel_would_refuse_are_explained() -> None:
 
 
 # --- real packets between two test hosts ------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def in_netns(host: Host, action: Callable[[], T]) -> T:
-    """Run ``action`` in a thread that joined ``host``'s namespace; sockets it opens stay there."""
-    outcome: dict[str, Any] = {}
-
-    def enter_and_run() -> None:
-        try:
-            fd = os.open(f"/run/netns/{host.ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            outcome["value"] = action()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=enter_and_run)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    value: T = outcome["value"]
-    return value
 
 
 @pytest.fixture(scope="module")
