@@ -47,7 +47,6 @@ class Agent:
         self._sampler = sampler or InterfaceSampler(include=config.interfaces)
         self._clock_ms = clock_ms
         self.interval_s = config.interval_s
-        self.policy_version = ""
         self._policy_refresh_s = 60.0
         self._monitor = SelfMonitor()
         # What each sensor is doing, reported with every batch: nothing is off silently.
@@ -70,6 +69,11 @@ class Agent:
             window=config.window,
             ack_timeout_s=config.ack_timeout_s,
         )
+
+    @property
+    def policy_version(self) -> str:
+        """The policy this agent runs: kept by the transport, which compares it with every ack."""
+        return self.transport.policy_version
 
     def _hello(self) -> bytes:
         c = self.config
@@ -196,7 +200,7 @@ class Agent:
         self._sampler.set_interfaces(update.interfaces)
         if update.zones_version != self._zones_version:
             self._apply_zones(update)
-        self.policy_version = self.transport.policy_version = update.version
+        self.transport.policy_version = update.version
         log.info("policy %s applied: interval %.0f s", update.version, self.interval_s)
 
     def start_flows(self) -> None:

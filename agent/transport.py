@@ -76,7 +76,7 @@ class Transport:
         self._wake = asyncio.Event()
         # Set when the collector's policy version differs from ours: the policy loop wakes on it.
         self.policy_changed = asyncio.Event()
-        self.policy_version = ""
+        self.policy_version = ""  # the policy the agent runs; set when it applies one
         self._channel: grpc.aio.Channel | None = None
         self.stats = TransportStats()
 

@@ -27,23 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from testnet import TestNetwork, require_root_netns  # noqa: E402
+from testnet import ZONE_CATALOG, TestNetwork, require_root_netns  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CATALOG = """\
-zones:
-  - name: 市级横向外网
-    kind: extranet
-    direction: horizontal
-    cidrs: [10.250.1.0/24, "fd00:250:1::/64"]
-  - name: 公安专网
-    kind: dedicated
-    department: 市公安局
-    cidrs: [10.250.2.0/24, "fd00:250:2::/64"]
-  - name: 互联网
-    kind: internet
-    cidrs: [0.0.0.0/0, "::/0"]
-"""
 SCRAPER = """
 import sys, time, urllib.request
 url, seconds = sys.argv[1], float(sys.argv[2])
@@ -90,7 +76,7 @@ def main() -> int:
         )
         return 2
     work = Path(tempfile.mkdtemp(prefix="zw-footprint-"))
-    (work / "zones.yaml").write_text(CATALOG, encoding="utf-8")
+    (work / "zones.yaml").write_text(ZONE_CATALOG, encoding="utf-8")
     try:
         with TestNetwork() as net:
             central = net.add_host("coll", "extranet")

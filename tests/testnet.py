@@ -49,6 +49,23 @@ SUBNETS: dict[str, tuple[IPv4Network, IPv6Network]] = {
     "dedicated": (IPv4Network("10.250.2.0/24"), IPv6Network("fd00:250:2::/64")),
     "internet": (IPv4Network("198.51.100.0/24"), IPv6Network("2001:db8:100::/64")),
 }
+# A zone catalog of this network, as a collector would serve it: the extranet subnet, the
+# dedicated one (owned by 市公安局), and everything else as the internet.
+ZONE_CATALOG = f"""\
+zones:
+  - name: 市级横向外网
+    kind: extranet
+    direction: horizontal
+    cidrs: [{SUBNETS["extranet"][0]}, "{SUBNETS["extranet"][1]}"]
+    capacity: 10G
+  - name: 公安专网
+    kind: dedicated
+    department: 市公安局
+    cidrs: [{SUBNETS["dedicated"][0]}, "{SUBNETS["dedicated"][1]}"]
+  - name: 互联网
+    kind: internet
+    cidrs: [0.0.0.0/0, "::/0"]
+"""
 ROUTER_NUMBER = 1  # the router is .1 / ::1 on every subnet
 FIRST_HOST_NUMBER = 10  # hosts get .10 / ::10, .11 / ::11, ... in the order they join a subnet
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")

@@ -13,25 +13,10 @@ from typing import Any
 
 import pytest
 from conftest import cli_json
-from testnet import Host, TestNetwork, require_root_netns
+from testnet import ZONE_CATALOG, Host, TestNetwork, require_root_netns
 
 pytestmark = pytest.mark.netns
 
-CATALOG = """\
-zones:
-  - name: 市级横向外网
-    kind: extranet
-    direction: horizontal
-    cidrs: [10.250.1.0/24, "fd00:250:1::/64"]
-    capacity: 10G
-  - name: 公安专网
-    kind: dedicated
-    department: 市公安局
-    cidrs: [10.250.2.0/24, "fd00:250:2::/64"]
-  - name: 互联网
-    kind: internet
-    cidrs: [0.0.0.0/0, "::/0"]
-"""
 ETHERNET_HEADER = 14  # veth counters count it; nftables counts IP bytes
 
 
@@ -95,7 +80,7 @@ def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agen
     require_root_netns()
     db = tmp_path / "collector.db"
     zones = tmp_path / "zones.yaml"
-    zones.write_text(CATALOG, encoding="utf-8")
+    zones.write_text(ZONE_CATALOG, encoding="utf-8")
     with TestNetwork() as net:
         central = net.add_host("coll", "extranet")
         host = net.add_host("agent", "extranet", "dedicated")  # still on its old dedicated network
@@ -147,7 +132,7 @@ def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agen
         new_zone = (
             f"  - name: 公安数据中心\n    kind: dedicated\n    department: 市公安局\n    cidrs: [{peer}/32]\n"
         )
-        zones.write_text(CATALOG + new_zone, encoding="utf-8")
+        zones.write_text(ZONE_CATALOG + new_zone, encoding="utf-8")
         deadline = time.monotonic() + 30
         seen: set[str] = set()
         while "公安数据中心" not in seen and time.monotonic() < deadline:
@@ -184,7 +169,7 @@ def test_flows_name_the_program_still_using_the_dedicated_network(tmp_path: Path
     require_root_netns()
     db = tmp_path / "collector.db"
     zones = tmp_path / "zones.yaml"
-    zones.write_text(CATALOG, encoding="utf-8")
+    zones.write_text(ZONE_CATALOG, encoding="utf-8")
     client = tmp_path / "ga_legacy_client.py"
     client.write_text(LEGACY_CLIENT, encoding="utf-8")
     config = tmp_path / "agent.toml"
