@@ -20,6 +20,7 @@ DEFAULT_COLLECTOR = "127.0.0.1:7390"
 DEFAULT_STATE_DIR = Path("/var/lib/zonewatch-agent")
 DEFAULT_CONFIG = Path("/etc/zonewatch/agent.toml")
 LABELS = ("department", "county", "site", "role")
+ZONE_ACCOUNTING = ("auto", "nftables", "capture", "off")
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,12 @@ class AgentConfig:
     role: str = ""
     hostname: str = field(default_factory=lambda: os.uname().nodename)
     spool_max_bytes: int = 256 * 1024 * 1024
-    # Count bytes per zone with nftables (a table of our own, removed on exit) once the
-    # collector sends a zone catalog. Needs CAP_NET_ADMIN.
-    zone_accounting: bool = True
+    # How to count bytes per zone once the collector sends a zone catalog: "nftables"
+    # (kernel counters in a table of our own, removed on exit; exact at any rate; needs
+    # CAP_NET_ADMIN), "capture" (from the packet capture on the watched interfaces; needs
+    # CAP_NET_RAW; samples under overload), "auto" (nftables where the host offers it,
+    # else capture) or "off". In the file, true means "auto" and false "off".
+    zone_accounting: str = "auto"
     # Capture packets on the watched interfaces and report flows with their owning process.
     # Needs CAP_NET_RAW.
     flows: bool = True
@@ -65,7 +69,7 @@ _FILE_KEYS = {
     "interfaces": list,
     "hostname": str,
     "spool_max_mb": int,
-    "zone_accounting": bool,
+    "zone_accounting": (bool, str),
     "flows": bool,
     "flow_idle_timeout": (int, float),
     "flow_active_timeout": (int, float),
@@ -84,6 +88,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     config = replace(config, **values)
+    if config.zone_accounting not in ZONE_ACCOUNTING:
+        raise ConfigError(
+            f"zone_accounting must be one of {', '.join(ZONE_ACCOUNTING)}, got {config.zone_accounting!r}"
+        )
     if not config.interval_s > 0:
         raise ConfigError(f"interval must be > 0 seconds, got {config.interval_s}")
     check_address(config.collector)
@@ -129,7 +137,9 @@ def _read_file(path: Path) -> dict[str, Any]:
                 f"{path}: unknown key {key!r} (known: {', '.join(sorted(_FILE_KEYS))}, [labels])"
             )
         # bool is an int to Python, never a number or a name to an admin.
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):  # type: ignore[arg-type]
+        if not isinstance(value, expected) or (  # type: ignore[arg-type]
+            isinstance(value, bool) and expected is not bool and bool not in expected  # type: ignore[operator]
+        ):
             raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
         if key == "interfaces" and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: interfaces must be a list of interface names (strings)")
@@ -143,6 +153,8 @@ def _read_file(path: Path) -> dict[str, Any]:
             values[f"{key}_s"] = float(value)
         elif key == "spool_max_mb":
             values["spool_max_bytes"] = value * 1024 * 1024
+        elif key == "zone_accounting" and isinstance(value, bool):
+            values[key] = "auto" if value else "off"
         else:
             values[key] = value
     return values

@@ -39,6 +39,7 @@ class Agent:
         *,
         sampler: InterfaceSampler | None = None,
         accountant: NftAccountant | None = None,
+        flow_monitor: Callable[..., FlowMonitor] = FlowMonitor,
         clock_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self.config = config
@@ -53,13 +54,16 @@ class Agent:
         self.sensors: dict[str, str] = {"interfaces": "on"}
         self._zones_version = ""
         self._zone_sampler: ZoneTrafficSampler | None = None
+        self._zone_method = ""  # "nftables" or "capture" once counting
         self.accountant: NftAccountant | None = None
-        if config.zone_accounting:
+        if config.zone_accounting in ("auto", "nftables"):
             self.accountant = accountant or NftAccountant()
-            self.sensors["zone_accounting"] = "waiting for a zone catalog from the collector"
-        else:
+        if config.zone_accounting == "off":
             self.sensors["zone_accounting"] = "off: disabled in the agent's configuration"
+        else:
+            self.sensors["zone_accounting"] = "waiting for a zone catalog from the collector"
         self.flows: FlowMonitor | None = None
+        self._flow_monitor = flow_monitor
         self._zone_map = ZoneMap()
         self.sensors["flows"] = "starting" if config.flows else "off: disabled in the agent's configuration"
         self.transport = Transport(
@@ -86,10 +90,14 @@ class Agent:
         """Sample every sensor once and spool what they saw as one batch; return its seq."""
         samples = self._sampler.sample()
         time_ms = self._clock_ms()
-        extra = [zone_traffic_fact(delta, time_ms) for delta in self._zone_deltas()]
+        extra = [zone_traffic_fact(delta, time_ms, self._zone_method) for delta in self._zone_deltas()]
         if self.flows is not None:
-            extra += [flow_fact(flow, time_ms) for flow in self.flows.collect()]
-            self.sensors["flows"] = self.flows.status()
+            self.flows.watch(self._capture_interfaces())
+            # Expired flows leave the tables either way; they are reported only when flows are on.
+            closed = self.flows.collect(attribute=self.config.flows)
+            if self.config.flows:
+                extra += [flow_fact(flow, time_ms) for flow in closed]
+                self.sensors["flows"] = self.flows.status()
         extra.append(health_fact(self._health(), time_ms))
         return self.spool_batch(samples, extra, time_ms)
 
@@ -97,10 +105,17 @@ class Agent:
         if self._zone_sampler is None:
             return []
         try:
-            return self._zone_sampler.sample()
+            deltas = self._zone_sampler.sample()
         except SensorError as exc:
             self.sensors["zone_accounting"] = f"off: {exc}"
             return []
+        if self._zone_method == "capture" and self.flows is not None:
+            rate = self.flows.sampling()
+            status = self.sensors["zone_accounting"].split("; sampling")[0]
+            self.sensors["zone_accounting"] = status + (
+                f"; sampling 1 in {rate} under overload: counts are estimates" if rate > 1 else ""
+            )
+        return deltas
 
     def _health(self) -> Health:
         cpu, rss = self._monitor.cpu_and_rss()
@@ -125,7 +140,7 @@ class Agent:
         log.info(
             "agent %s reporting to %s every %.1f s", self.agent_id, self.config.collector, self.interval_s
         )
-        if self.config.flows:
+        if self.config.flows or self.config.zone_accounting == "capture":
             self.start_flows()
         tasks = [
             asyncio.create_task(self._sample_loop(stop), name="sample"),
@@ -151,7 +166,7 @@ class Agent:
                         log.error("could not spool the last flows: %s", exc)
             await self.transport.close()
             self.spool.close()
-            if self.accountant is not None and self._zone_sampler is not None:
+            if self.accountant is not None and self._zone_method == "nftables":
                 try:
                     self.accountant.remove()  # leave the host's ruleset as we found it
                 except SensorError as exc:
@@ -203,45 +218,87 @@ class Agent:
         self.transport.policy_version = update.version
         log.info("policy %s applied: interval %.0f s", update.version, self.interval_s)
 
+    def _capture_interfaces(self) -> list[str]:
+        """The configured interfaces, or every interface that is up but loopback (read each tick:
+        an interface that comes up later is captured from the next tick on)."""
+        if self.config.interfaces:
+            return list(self.config.interfaces)
+        return sorted(name for name, st in psutil.net_if_stats().items() if st.isup and name != "lo")
+
     def start_flows(self) -> None:
-        """Capture on the watched interfaces (all that are up but loopback, unless configured)."""
-        names = list(self.config.interfaces) or [
-            name for name, st in psutil.net_if_stats().items() if st.isup and name != "lo"
-        ]
-        self.flows = FlowMonitor(
-            names,
+        """Capture on the watched interfaces, for flows and (as a fallback) zone accounting."""
+        self.flows = self._flow_monitor(
+            self._capture_interfaces(),
             self._zone_map,
             idle_timeout_s=self.config.flow_idle_timeout_s,
             active_timeout_s=self.config.flow_active_timeout_s,
         )
-        self.sensors["flows"] = self.flows.status()
-        if not self.flows.engines:
-            log.warning("flows %s", self.sensors["flows"])
+        if self.config.flows:
+            self.sensors["flows"] = self.flows.status()
+            if not self.flows.engines:
+                log.warning("flows %s", self.sensors["flows"])
 
     def _apply_zones(self, update: PolicyUpdate) -> None:
         self._zones_version = update.zones_version
         self._zone_map = ZoneMap(update.zones)
         if self.flows is not None:
             self.flows.set_zones(self._zone_map)
-        if self.accountant is None:
+        mode = self.config.zone_accounting
+        if mode == "off":
             return
         if not update.zones:
             self.sensors["zone_accounting"] = "waiting for a zone catalog from the collector"
             return
-        available, why = self.accountant.available()
-        if not available:
-            self.sensors["zone_accounting"] = f"off: {why}"
-            log.error("zone accounting off: %s", why)
+        why_not_nft = ""
+        if self.accountant is not None and self._zone_method != "capture":
+            why_not_nft = self._apply_nftables(update)
+            if not why_not_nft:
+                return
+        if mode == "nftables":
+            self.sensors["zone_accounting"] = f"off: {why_not_nft}"
+            log.error("zone accounting off: %s", why_not_nft)
             return
+        self._count_by_capture(update, why_not_nft)
+
+    def _apply_nftables(self, update: PolicyUpdate) -> str:
+        """Count with kernel counters; "" when they count, else why not."""
+        assert self.accountant is not None
+        if self._zone_method != "nftables":
+            available, why = self.accountant.available()
+            if not available:
+                return why
         try:
             self.accountant.apply(update.zones)
         except SensorError as exc:
-            self.sensors["zone_accounting"] = f"off: {exc}"
-            log.error("zone accounting off: %s", exc)
-            return
+            return str(exc)
         if self._zone_sampler is None:
             self._zone_sampler = ZoneTrafficSampler(self.accountant.read)
             self._zone_sampler.sample()  # prime: counting starts now
+        self._zone_method = "nftables"
         self.sensors["zone_accounting"] = (
             f"on: nftables, {len(update.zones)} zones, catalog {update.zones_version}"
         )
+        return ""
+
+    def _count_by_capture(self, update: PolicyUpdate, why_not_nft: str) -> None:
+        """Count from the packet capture: the flow tables tally bytes per remote zone."""
+        fallback = f" (nftables unavailable: {why_not_nft})" if why_not_nft else ""
+        if self.flows is None:
+            # Flows are off in the config, but the capture is the only way left to count.
+            self.start_flows()
+        assert self.flows is not None
+        if not self.flows.engines:
+            why = self.flows.status().removeprefix("off: ")
+            self.sensors["zone_accounting"] = f"off: no capture either: {why}{fallback}"
+            log.error("zone accounting %s", self.sensors["zone_accounting"])
+            return
+        if self._zone_method != "capture":
+            self._zone_sampler = ZoneTrafficSampler(self.flows.zone_counters)
+            self._zone_sampler.sample()  # prime: counting starts now
+            self._zone_method = "capture"
+        interfaces = ", ".join(self.flows.engines)
+        zones = f"{len(update.zones)} zones, catalog {update.zones_version}"
+        # A fallback is worth an operator's look (the agents view lists every sensor not "on").
+        state = "fallback" if why_not_nft else "on"
+        self.sensors["zone_accounting"] = f"{state}: capture on {interfaces}{fallback}, {zones}"
+        log.warning("zone accounting %s", self.sensors["zone_accounting"])

@@ -85,7 +85,7 @@ def policy_update(response: agent_pb2.GetPolicyResponse) -> PolicyUpdate:
     )
 
 
-def zone_traffic_fact(delta: ZoneDelta, time_ms: int) -> facts_pb2.Fact:
+def zone_traffic_fact(delta: ZoneDelta, time_ms: int, method: str = "nftables") -> facts_pb2.Fact:
     return facts_pb2.Fact(
         time_ms=time_ms,
         zone_traffic=facts_pb2.ZoneTraffic(
@@ -95,8 +95,8 @@ def zone_traffic_fact(delta: ZoneDelta, time_ms: int) -> facts_pb2.Fact:
             packets_in=delta.packets_in,
             packets_out=delta.packets_out,
             window_ms=max(1, delta.interval_ms),
-            method="nftables",
-            sampling_rate=1.0,
+            method=method,
+            sampling_rate=delta.sampling_rate,
         ),
     )
 

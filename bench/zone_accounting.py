@@ -1,7 +1,8 @@
-"""Zone accounting: zonewatch's nftables counters against pmacctd, on the same host and traffic.
+"""Zone accounting: zonewatch's nftables counters and capture fallback against pmacctd, same traffic.
 
     .venv/bin/python bench/zone_accounting.py [--seconds 10] [--runs 3] [--read-interval 1]
                                               [--pmacct-buffer-size 10240] [--pmacct-pipe-size 10240000]
+                                              [--no-capture]
 
 Needs root, nftables, iproute2 and iperf3; installs Debian's pmacct (pmacctd) with apt-get when
 it is missing. All traffic stays inside network namespaces built with tests/testnet.py: host "a"
@@ -13,13 +14,20 @@ dedicated as zones and internet 0.0.0.0/0, flattened into ZoneRanges and applied
 NftAccountant inside host a; pmacctd inside host a capturing eth0 and eth1 with a networks_file
 of the same CIDRs, `aggregate: src_net, dst_net`, memory plugin (read with `pmacct -s`), and a
 core->plugin buffer of 10 kB in a 10 MB queue (pmacct's defaults lose ~45 % of the records at this
-rate; `--pmacct-buffer-size 0 --pmacct-pipe-size 0` shows that).
+rate; `--pmacct-buffer-size 0 --pmacct-pipe-size 0` shows that). Unless --no-capture, zonewatch's
+capture fallback too: a FlowMonitor (agent/aggregate/flowwatch.py, TPACKET_V3 engines with their
+default ring and sampling policy) on host a's eth0 and eth1 with a ZoneMap of the same ranges,
+in a process of its own whose network namespace is host a's (tests/testnet.py in_netns).
 
-Each run, with both counting: four iperf3 TCP streams at full speed for --seconds (a -> each
+Each run, with everything counting: four iperf3 TCP streams at full speed for --seconds (a -> each
 peer and each peer -> a), then a quiet settle. Measured over the window:
 
 - bytes per zone from zonewatch (delta of NftAccountant.read()) and from pmacctd (delta of its
   memory table, nets mapped to zones with the same catalog);
+- bytes per zone from the capture fallback: delta of FlowMonitor.zone_counters(), in + out, each
+  zone's seen bytes scaled by its estimated / seen packets when the engines sampled (as the
+  collector scales them); the engines' kernel drops and the highest sampling rate (1 in N) their
+  policies chose in the window are reported beside it;
 - host a's interface counters: rx+tx bytes - 14 x packets (IP bytes; both tools count IP bytes);
 - accuracy = counted / interface IP bytes, for each tool;
 - CPU: pmacctd's processes (core + plugin, utime+stime from /proc/PID/stat) against zonewatch's
@@ -27,8 +35,13 @@ peer and each peer -> a), then a quiet settle. Measured over the window:
   processes, from RUSAGE_CHILDREN in a reader process, plus that process's own parsing). The
   per-packet counting itself is done by the kernel, for nftables and for pmacctd's packet
   capture alike, and is not attributable to any process: neither figure includes it.
+- capture CPU: utime+stime of the capture process over the window (RUSAGE_SELF: its thread
+  reading the rings and folding summaries into flow tables, plus the flow expiry an agent tick
+  does, once per --read-interval), against pmacctd's. Unlike nftables, the capture fallback
+  parses every packet (or every N-th) in Python, so its cost grows with the packet rate.
 
-The last line is machine-readable:
+The last line is machine-readable, and the line before it too when the capture ran:
+    CAPTURE capture_accuracy=<median %> capture_cpu_s=<median> pmacctd_cpu_s=<median> ratio=<median>
     RESULT accuracy=<median %> pmacctd_accuracy=<median %> cpu_ratio=<median> target=99.9
 Exit status: 0 when the figures were measured (whether or not a target is met), 1 when the bench
 could not run (not root, a tool missing, the network or a daemon failing to start).
@@ -52,6 +65,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +74,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from testnet import SUBNETS, Host, TestNetError, TestNetwork, iperf3  # noqa: E402
+from testnet import SUBNETS, Host, TestNetError, TestNetwork, in_netns, iperf3  # noqa: E402
 
+from agent.aggregate.flowwatch import FlowMonitor  # noqa: E402
 from agent.errors import SensorError  # noqa: E402
 from agent.sensors.accounting import (  # noqa: E402
     UNKNOWN_ZONE,
@@ -70,6 +85,8 @@ from agent.sensors.accounting import (  # noqa: E402
     ZoneRanges,
     nft_runner,
 )
+from agent.sensors.capture import CaptureEngine, CaptureStats, SamplingPolicy  # noqa: E402
+from agent.zonemap import ZoneMap  # noqa: E402
 from collector.zones import ZoneCatalog, parse_catalog  # noqa: E402
 
 TARGET_ACCURACY = 99.9  # percent, both ways: |accuracy - 100| <= 0.1 counts as met
@@ -188,23 +205,103 @@ def reader_main(
         conn.close()
 
 
-class Reader:
-    def __init__(self, ns: str, zones: list[ZoneRanges], interval: float) -> None:
+# --------------------------------------------------------------------------- zonewatch capture fallback
+
+
+class WatchedPolicy(SamplingPolicy):
+    """The engine's default sampling policy, remembering the highest rate it chose since `highest` was set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.highest = self.rate
+
+    def update(self, now_ns: int, dropped: int, cpu_ns: int) -> int:
+        rate = super().update(now_ns, dropped, cpu_ns)
+        self.highest = max(self.highest, rate)
+        return rate
+
+
+def capture_main(
+    conn: multiprocessing.connection.Connection,
+    ns: str,
+    interfaces: list[str],
+    zones: list[ZoneRanges],
+    interval: float,
+) -> None:
+    """The agent's capture fallback, in a process of its own so that RUSAGE_SELF is the capture's CPU.
+
+    The engines are opened by a thread that joined host a's namespace (their packet sockets
+    stay there). Commands over `conn` as for reader_main: "start" (baseline, then the agent
+    tick's flow expiry once per `interval` until "stop", which answers with the per-zone
+    deltas, the engines' stats at both ends, the highest sampling rate and the CPU), "quit".
+    """
+    policies: dict[str, WatchedPolicy] = {}
+
+    def open_engine(interface: str) -> CaptureEngine:
+        policies[interface] = policy = WatchedPolicy()
+        return CaptureEngine(interface, policy=policy)
+
+    monitor: FlowMonitor | None = None
+    try:
+        monitor = in_netns(ns, lambda: FlowMonitor(interfaces, ZoneMap(zones), open_engine=open_engine))
+        if monitor.problems:
+            raise BenchError(monitor.status())
+        conn.send(("ready", monitor.status()))
+        while True:
+            if conn.recv() == "quit":
+                break
+            for policy in policies.values():
+                policy.highest = policy.rate
+            # Read in a quiet moment (the bench's settle): the engines' reader thread is idle.
+            stats0 = {name: engine.stats() for name, engine in monitor.engines.items()}
+            start = monitor.zone_counters()
+            cpu0 = _cpu_s(resource.getrusage(resource.RUSAGE_SELF))
+            conn.send(("started", None))
+            while not conn.poll(interval):
+                monitor.collect(attribute=False)  # what an agent's tick does with the flow tables
+            conn.recv()  # "stop"
+            cpu = _cpu_s(resource.getrusage(resource.RUSAGE_SELF)) - cpu0
+            end = monitor.zone_counters()
+            stats1 = {name: engine.stats() for name, engine in monitor.engines.items()}
+            zero = ZoneCounters(0, 0, 0, 0, 0)
+            deltas = {
+                zone: tuple(new - old for new, old in zip(counts, start.get(zone, zero), strict=True))
+                for zone, counts in end.items()
+            }
+            highest = max((policy.highest for policy in policies.values()), default=1)
+            stats = {name: (tuple(stats0[name]), tuple(stats1[name])) for name in stats1 if name in stats0}
+            conn.send(("stopped", (deltas, stats, highest, cpu)))
+    except Exception as exc:  # reported to the parent, which stops the bench
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.close()
+        conn.close()
+
+
+# --------------------------------------------------------------------------- bench children
+
+
+class Child:
+    """A child process of the bench (reader_main, capture_main) driven over a pipe."""
+
+    def __init__(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        self.name = name
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(
-            target=reader_main, args=(child, ns, zones, interval), name="zonewatch-reader"
-        )
+        self.process = context.Process(target=target, args=(child, *args), name=name.replace(" ", "-"))
         self.process.start()
         child.close()
-        self.expect("ready", 30)
+        self.ready = self.expect("ready", 30)
 
     def expect(self, what: str, timeout: float) -> Any:
         if not self._conn.poll(timeout):
-            raise BenchError(f"zonewatch reader: no {what!r} within {timeout:g} s")
+            raise BenchError(f"{self.name}: no {what!r} within {timeout:g} s")
         kind, value = self._conn.recv()
         if kind != what:
-            raise BenchError(f"zonewatch reader failed: {value}")
+            raise BenchError(f"{self.name} failed: {value}")
         return value
 
     def call(self, command: str, answer: str, timeout: float = 30) -> Any:
@@ -360,6 +457,48 @@ class Pmacctd:
 
 
 @dataclass
+class CaptureWindow:
+    """What the capture fallback counted in one run's window."""
+
+    seen: dict[str, ZoneCounters]  # zone -> deltas of FlowMonitor.zone_counters()
+    received: int  # packets the engines' filters accepted (the kernel's count), both interfaces
+    dropped: int  # of those, dropped by the kernel because a ring was full
+    sampled_out: int  # walked but not summarized (1-in-N sampling)
+    sampling: int  # the highest 1-in-N rate any engine's policy chose in the window
+    cpu: float  # capture process utime+stime over the window
+    read_cpu: float  # of which the engines' read() (walking and parsing the rings), CaptureStats.cpu_ns
+
+    @property
+    def counted(self) -> dict[str, int]:
+        """Bytes in + out per zone, scaled by estimated / seen packets where the engines sampled."""
+        out = {}
+        for zone, c in self.seen.items():
+            seen_bytes, seen_packets = c.bytes_in + c.bytes_out, c.packets_in + c.packets_out
+            scale = c.estimated_packets / seen_packets if c.estimated_packets > seen_packets > 0 else 1.0
+            out[zone] = round(seen_bytes * scale)
+        return out
+
+    @staticmethod
+    def from_child(answer: tuple[Any, ...]) -> CaptureWindow:
+        deltas, stats, highest, cpu = answer
+        start = {name: CaptureStats(*ends[0]) for name, ends in stats.items()}
+        end = {name: CaptureStats(*ends[1]) for name, ends in stats.items()}
+
+        def delta(field: str) -> int:
+            return sum(getattr(end[name], field) - getattr(start[name], field) for name in end)
+
+        return CaptureWindow(
+            seen={zone: ZoneCounters(*counts) for zone, counts in deltas.items()},
+            received=delta("received"),
+            dropped=delta("dropped"),
+            sampled_out=delta("sampled_out"),
+            sampling=highest,
+            cpu=cpu,
+            read_cpu=delta("cpu_ns") / 1e9,
+        )
+
+
+@dataclass
 class RunResult:
     interface_l3: dict[str, int]  # zone -> IP bytes on the interface carrying it
     zonewatch: dict[str, int]  # zone -> bytes in + out
@@ -372,6 +511,7 @@ class RunResult:
     pcap_dropped: int
     pcap_received: int
     missing_data: int  # pmacctd's "Missing data detected" warnings: core->plugin queue overflowed
+    capture: CaptureWindow | None  # None with --no-capture
 
     @staticmethod
     def accuracy(counted: dict[str, int], reference: dict[str, int]) -> float:
@@ -388,6 +528,16 @@ class RunResult:
     @property
     def cpu_ratio(self) -> float:
         return self.zonewatch_cpu / self.pmacct_cpu if self.pmacct_cpu > 0 else float("inf")
+
+    @property
+    def capture_accuracy(self) -> float:
+        return self.accuracy(self.capture.counted, self.interface_l3) if self.capture else float("nan")
+
+    @property
+    def capture_cpu_ratio(self) -> float:
+        if self.capture is None:
+            return float("nan")
+        return self.capture.cpu / self.pmacct_cpu if self.pmacct_cpu > 0 else float("inf")
 
 
 def interface_l3(host: Host) -> dict[str, int]:
@@ -427,17 +577,26 @@ def traffic(a: Host, peers: dict[str, Host], seconds: int) -> int:
 
 
 def measure(
-    a: Host, peers: dict[str, Host], catalog: ZoneCatalog, reader: Reader, pmacctd: Pmacctd, seconds: int
+    a: Host,
+    peers: dict[str, Host],
+    catalog: ZoneCatalog,
+    reader: Child,
+    capture: Child | None,
+    pmacctd: Pmacctd,
+    seconds: int,
 ) -> RunResult:
     time.sleep(SETTLE_S)  # what came before (setup, the last run) has been counted by everyone
     iface0, table0, stats0 = interface_l3(a), pmacctd.table(), pmacctd.capture_stats()
     cpu0, missing0 = pmacctd.cpu_s(), pmacctd.missing_data_warnings()
     reader.call("start", "started")
+    if capture is not None:
+        capture.call("start", "started")
 
     sent = traffic(a, peers, seconds)
     time.sleep(SETTLE_S)
 
     deltas, children, own, reads = reader.call("stop", "stopped")
+    window = CaptureWindow.from_child(capture.call("stop", "stopped")) if capture is not None else None
     cpu1 = pmacctd.cpu_s()
     iface1, table1, stats1 = interface_l3(a), pmacctd.table(), pmacctd.capture_stats()
     pmacctd.check_alive()
@@ -463,10 +622,15 @@ def measure(
         pcap_dropped=dropped,
         pcap_received=received,
         missing_data=pmacctd.missing_data_warnings() - missing0,
+        capture=window,
     )
 
 
 # --------------------------------------------------------------------------- main
+
+
+def per_packet(cpu_s: float, packets: int) -> str:
+    return f"{cpu_s / packets * 1e6:.2f} µs" if packets else "- µs"
 
 
 def check_environment() -> None:
@@ -482,7 +646,8 @@ def run_all(args: argparse.Namespace, catalog: ZoneCatalog) -> tuple[list[RunRes
     zones = zone_ranges(catalog)
     results: list[RunResult] = []
     workdir = Path(tempfile.mkdtemp(prefix="zonewatch-zone-bench-"))
-    reader: Reader | None = None
+    reader: Child | None = None
+    capture: Child | None = None
     pmacctd: Pmacctd | None = None
     try:
         with TestNetwork() as net:
@@ -493,24 +658,38 @@ def run_all(args: argparse.Namespace, catalog: ZoneCatalog) -> tuple[list[RunRes
                 for zone, peer in peers.items():  # neighbours resolved before anything is measured
                     if not a.ping(peer.address(zone), count=1):
                         raise BenchError(f"host a cannot reach its {zone} peer")
-                reader = Reader(a.ns, zones, args.read_interval)
+                reader = Child("zonewatch reader", reader_main, a.ns, zones, args.read_interval)
                 progress(f"zonewatch table inet {NftAccountant().table} applied in {a.ns}")
+                if args.capture:
+                    interfaces = [a.interfaces[zone] for zone in HOME_ZONES]
+                    capture = Child(
+                        "zonewatch capture", capture_main, a.ns, interfaces, zones, args.read_interval
+                    )
+                    progress(f"zonewatch capture fallback in {a.ns}: {capture.ready}")
                 pmacctd = Pmacctd(a, catalog, workdir, args.pmacct_buffer_size, args.pmacct_pipe_size)
                 version = a.run("pmacctd", "-V").stdout.splitlines()[0].strip()
                 progress(f"{version} capturing {', '.join(a.interfaces[z] for z in HOME_ZONES)} in {a.ns}")
                 wrapper = reader.call("wrapper", "wrapper")
                 for run in range(1, args.runs + 1):
                     progress(f"run {run}/{args.runs}: 4 iperf3 streams for {args.seconds} s")
-                    results.append(measure(a, peers, catalog, reader, pmacctd, args.seconds))
+                    results.append(measure(a, peers, catalog, reader, capture, pmacctd, args.seconds))
                     r = results[-1]
+                    fallback = (
+                        f"; capture {r.capture_accuracy:.4f} %, CPU {r.capture.cpu * 1000:.0f} ms,"
+                        f" {r.capture.dropped} dropped, sampling 1 in {r.capture.sampling}"
+                        if r.capture
+                        else ""
+                    )
                     progress(
                         f"run {run}: zonewatch {r.zonewatch_accuracy:.4f} %, "
                         f"pmacctd {r.pmacct_accuracy:.4f} %, "
-                        f"CPU {r.zonewatch_cpu * 1000:.0f} ms vs {r.pmacct_cpu * 1000:.0f} ms"
+                        f"CPU {r.zonewatch_cpu * 1000:.0f} ms vs {r.pmacct_cpu * 1000:.0f} ms{fallback}"
                     )
             finally:
                 if pmacctd is not None:
                     pmacctd.stop()
+                if capture is not None:
+                    capture.close()
                 if reader is not None:
                     reader.close()  # removes the zonewatch table
     finally:
@@ -537,6 +716,12 @@ def main(argv: list[str] | None = None) -> int:
         default=PMACCT_PIPE_SIZE,
         help="pmacctd plugin_pipe_size in bytes (0: pmacct's default, 4 MB)",
     )
+    parser.add_argument(
+        "--no-capture",
+        dest="capture",
+        action="store_false",
+        help="leave out zonewatch's capture fallback (FlowMonitor on host a's interfaces)",
+    )
     args = parser.parse_args(argv)
     if args.seconds < 1 or args.runs < 1 or args.read_interval <= 0:
         parser.error("--seconds and --runs must be >= 1 and --read-interval > 0")
@@ -562,29 +747,45 @@ def main(argv: list[str] | None = None) -> int:
         f"{'run':>3}  {'iface IP MB':>11}  {'zonewatch MB':>12}  {'zw acc %':>9}  {'pmacctd MB':>10}  "
         f"{'pm acc %':>9}  {'zw CPU ms':>9}  {'reads':>5}  {'pm CPU ms':>9}  {'ratio':>6}  {'pcap drops':>10}"
     )
+    if args.capture:
+        header += f"  {'cap acc %':>9}  {'cap CPU s':>9}  {'cap drops':>9}  {'sampling':>8}"
     print(header)
     print("-" * len(header))
     for run, r in enumerate(results, start=1):
         iface_mb, zw_mb, pm_mb = (sum(d.values()) / 1e6 for d in (r.interface_l3, r.zonewatch, r.pmacct))
+        fallback = (
+            f"  {r.capture_accuracy:>9.4f}  {r.capture.cpu:>9.3f}  {r.capture.dropped:>9,}"
+            f"  {'1 in ' + str(r.capture.sampling):>8}"
+            if r.capture
+            else ""
+        )
         print(
             f"{run:>3}  {iface_mb:>11,.1f}  {zw_mb:>12,.1f}  {r.zonewatch_accuracy:>9.4f}  {pm_mb:>10,.1f}  "
             f"{r.pmacct_accuracy:>9.4f}  {r.zonewatch_cpu * 1000:>9.1f}  {r.reads:>5}  "
-            f"{r.pmacct_cpu * 1000:>9.0f}  {r.cpu_ratio:>6.3f}  {r.pcap_dropped:>10,}"
+            f"{r.pmacct_cpu * 1000:>9.0f}  {r.cpu_ratio:>6.3f}  {r.pcap_dropped:>10,}{fallback}"
         )
     for run, r in enumerate(results, start=1):
         print(f"run {run} per zone (bytes; interface = IP bytes on the interface of that subnet):")
-        names = sorted(set(r.interface_l3) | set(r.zonewatch) | set(r.pmacct))
+        counted = r.capture.counted if r.capture else {}
+        names = sorted(set(r.interface_l3) | set(r.zonewatch) | set(r.pmacct) | set(counted))
         for zone in names:
             ref = r.interface_l3.get(zone)
-            zw, pm = r.zonewatch.get(zone, 0), r.pmacct.get(zone, 0)
-            shares = f"  ({100 * zw / ref:.4f} % / {100 * pm / ref:.4f} %)" if ref else ""
+            zw, pm, cap = r.zonewatch.get(zone, 0), r.pmacct.get(zone, 0), counted.get(zone, 0)
+            shares = [zw, pm, cap] if r.capture else [zw, pm]
+            percents = f"  ({' / '.join(f'{100 * n / ref:.4f} %' for n in shares)})" if ref else ""
             shown = f"{ref:,}" if ref is not None else "-"
-            print(f"  {zone:<13} interface {shown:>16}  zonewatch {zw:>16,}  pmacctd {pm:>16,}{shares}")
+            print(
+                f"  {zone:<13} interface {shown:>16}  zonewatch {zw:>16,}  pmacctd {pm:>16,}"
+                + (f"  capture {cap:>16,}" if r.capture else "")
+                + percents
+            )
         reference = sum(r.interface_l3.values())
         print(
             f"  all zones - interface IP bytes: zonewatch {sum(r.zonewatch.values()) - reference:+,} B,"
-            f" pmacctd {sum(r.pmacct.values()) - reference:+,} B (the interfaces also carry ARP, which is"
-            " not IP; IPv6 neighbour discovery is counted in 'unknown')"
+            f" pmacctd {sum(r.pmacct.values()) - reference:+,} B"
+            + (f", capture {sum(counted.values()) - reference:+,} B" if r.capture else "")
+            + " (the interfaces also carry ARP, which is not IP; IPv6 neighbour discovery is counted in"
+            " 'unknown')"
         )
         print(
             f"  iperf3 payload received {r.iperf_bytes:,} B; pmacctd pcap received {r.pcap_received:,}"
@@ -593,6 +794,17 @@ def main(argv: list[str] | None = None) -> int:
             f" = nft processes {r.nft_children_cpu * 1000:.1f} ms + parsing"
             f" {(r.zonewatch_cpu - r.nft_children_cpu) * 1000:.1f} ms for {r.reads} reads"
         )
+        if r.capture:
+            c = r.capture
+            seen = sum(z.packets_in + z.packets_out for z in c.seen.values())
+            estimated = sum(z.estimated_packets for z in c.seen.values())
+            print(
+                f"  capture: {c.received:,} packets received, {c.dropped:,} dropped by the kernel,"
+                f" {c.sampled_out:,} sampled out (highest rate 1 in {c.sampling}); {seen:,} counted,"
+                f" standing for {estimated:,}; CPU {c.cpu * 1000:.0f} ms ({c.read_cpu * 1000:.0f} ms in"
+                f" read()) = {per_packet(c.cpu, c.received)} a packet, pmacctd"
+                f" {per_packet(r.pmacct_cpu, r.pcap_received)} a packet"
+            )
 
     accuracy = statistics.median(r.zonewatch_accuracy for r in results)
     pm_accuracy = statistics.median(r.pmacct_accuracy for r in results)
@@ -617,6 +829,26 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU target: zonewatch/pmacctd <= {TARGET_CPU_RATIO} — measured {ratio:.3f}: "
         f"{'met' if ratio <= TARGET_CPU_RATIO else 'MISSED'}"
     )
+    if args.capture:
+        cap_accuracy = statistics.median(r.capture_accuracy for r in results)
+        cap_cpu = statistics.median(r.capture.cpu for r in results if r.capture)
+        pm_cpu = statistics.median(r.pmacct_cpu for r in results)
+        cap_ratio = statistics.median(r.capture_cpu_ratio for r in results)
+        print(
+            "capture fallback (no target of its own): CPU = the capture process's utime+stime, which"
+            " parses each packet in Python where nftables counts in the kernel; accuracy scales seen"
+            " bytes by estimated/seen packets when the engines sampled. Capture"
+            f" {cap_accuracy:.4f} %, {cap_cpu:.3f} s of CPU against pmacctd's {pm_cpu:.3f} s"
+            f" (ratio {cap_ratio:.2f}); kernel drops"
+            f" {', '.join(str(r.capture.dropped) for r in results if r.capture)}, highest sampling"
+            f" 1 in {max(r.capture.sampling for r in results if r.capture)}"
+        )
+        sys.stderr.flush()
+        print(
+            f"CAPTURE capture_accuracy={cap_accuracy:.4f} capture_cpu_s={cap_cpu:.4f} "
+            f"pmacctd_cpu_s={pm_cpu:.4f} ratio={cap_ratio:.4f}",
+            flush=True,
+        )
     sys.stderr.flush()
     print(
         f"RESULT accuracy={accuracy:.4f} pmacctd_accuracy={pm_accuracy:.4f} cpu_ratio={ratio:.4f} "

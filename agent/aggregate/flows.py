@@ -7,6 +7,13 @@ closed early (counted in `stats.evicted`, never dropped silently). A flow that s
 is reported every `active_timeout_s` as a continuation, so a long transfer shows up while it
 runs, not only when it ends.
 
+The table also keeps bytes and packets per remote zone, cumulative for its whole life: the
+capture-based zone accounting that replaces the nftables counters where a host has none.
+The zone is looked up once per flow (a bisect), not per packet, and looked up again for
+every open flow when the catalog changes. Those tallies count what the capture *saw*;
+under sampling each summary also adds its weight to ``estimated_packets``, so the ratio
+seen/estimated is the fraction of packets seen, which the collector scales back up by.
+
 Attribution reads the socket table (psutil.net_connections, about 9 ms a call here) at most
 once per reporting interval, when flows are being closed, and maps the local address and
 port to the owning process; a listening socket answers for the connections it accepted
@@ -22,6 +29,7 @@ from typing import Any, NamedTuple, Protocol
 
 import psutil
 
+from agent.sensors.accounting import ZoneCounters
 from agent.zonemap import ZoneMap
 
 TCP, UDP = 6, 17
@@ -90,8 +98,10 @@ class FlowStats(NamedTuple):
 # A flow key: (ip version, protocol, local address, local port, remote address, remote port).
 Key = tuple[int, int, int, int, int, int]
 # Mutable per-flow state, a list for speed: first_ns, last_ns, bytes_out, bytes_in,
-# packets_out, packets_in, tcp_flags, initiated_locally.
-_FIRST, _LAST, _BOUT, _BIN, _POUT, _PIN, _FLAGS, _LOCAL = range(8)
+# packets_out, packets_in, tcp_flags, initiated_locally, remote zone, that zone's tally.
+_FIRST, _LAST, _BOUT, _BIN, _POUT, _PIN, _FLAGS, _LOCAL, _ZONE, _TALLY = range(10)
+# A zone's tally, cumulative: bytes and packets seen each way, packets they stand for.
+_T_BIN, _T_BOUT, _T_PIN, _T_POUT, _T_EST = range(5)
 
 
 class FlowTable:
@@ -112,6 +122,7 @@ class FlowTable:
         self._flows: dict[Key, list[Any]] = {}
         self._closed = self._evicted = 0
         self._pending: list[FlowRecord] = []  # closed early (evicted), reported at the next expire
+        self._tallies: dict[str, list[int]] = {}
 
     def add(self, packets: Iterable[PacketLike]) -> None:
         flows = self._flows
@@ -124,17 +135,41 @@ class FlowTable:
             if state is None:
                 if len(flows) >= self._max:
                     self._evict_one()
-                state = flows[key] = [p.ts_ns, p.ts_ns, 0, 0, 0, 0, 0, p.outgoing]
+                zone = self.zones.zone_of(key[0], key[4])
+                state = flows[key] = [p.ts_ns, p.ts_ns, 0, 0, 0, 0, 0, p.outgoing, zone, self._tally(zone)]
             state[_LAST] = p.ts_ns
             # Under overload the capture samples 1 in N: each summary stands for N packets.
             weight = p.sampling_rate
+            tally = state[_TALLY]
             if p.outgoing:
                 state[_BOUT] += p.length * weight
                 state[_POUT] += weight
+                tally[_T_BOUT] += p.length
+                tally[_T_POUT] += 1
             else:
                 state[_BIN] += p.length * weight
                 state[_PIN] += weight
+                tally[_T_BIN] += p.length
+                tally[_T_PIN] += 1
+            tally[_T_EST] += weight
             state[_FLAGS] |= p.tcp_flags
+
+    def set_zones(self, zones: ZoneMap) -> None:
+        """A new catalog: open flows are looked up again, and count to their new zone from now on."""
+        self.zones = zones
+        for key, state in self._flows.items():
+            state[_ZONE] = zone = zones.zone_of(key[0], key[4])
+            state[_TALLY] = self._tally(zone)
+
+    def zone_counters(self) -> dict[str, ZoneCounters]:
+        """What the capture saw per remote zone since the table was made (zones of old catalogs too)."""
+        return {zone: ZoneCounters(*t) for zone, t in self._tallies.items()}
+
+    def _tally(self, zone: str) -> list[int]:
+        tally = self._tallies.get(zone)
+        if tally is None:
+            tally = self._tallies[zone] = [0, 0, 0, 0, 0]
+        return tally
 
     def expire(self, now_ns: int, owners: SocketOwners | None = None) -> list[FlowRecord]:
         """Close idle flows and report long ones as continuations; attribute what is reported."""
@@ -148,7 +183,7 @@ class FlowTable:
             elif now_ns - state[_FIRST] >= self._active_ns:
                 done.append(self._record(key, state, None))
                 # Continue the flow from here: the next report covers what follows.
-                self._flows[key] = [state[_LAST], state[_LAST], 0, 0, 0, 0, 0, state[_LOCAL]]
+                self._flows[key] = [state[_LAST], state[_LAST], 0, 0, 0, 0, 0, *state[_LOCAL:]]
         self._closed += len(done)
         if done and owners is not None:
             owners.refresh()
@@ -183,7 +218,7 @@ class FlowTable:
             start_ms=state[_FIRST] // NS_PER_MS,
             end_ms=state[_LAST] // NS_PER_MS,
             tcp_flags=state[_FLAGS],
-            remote_zone=self.zones.zone_of(version, remote),
+            remote_zone=state[_ZONE],
             initiated_locally=bool(state[_LOCAL]),
             process=process,
         )

@@ -5,6 +5,11 @@ at 100 kpps), so a background thread waits on all engines with select() and fold
 they deliver into one FlowTable per interface. The agent's tick collects the flows that
 closed, attributes them to processes outside the lock, and reports them. Capture problems
 never stop the agent: an interface that cannot be captured is reported with the reason.
+
+Interfaces come and go (a VPN tunnel, a VLAN added for the migration, a NIC that was down at
+boot): ``watch`` takes the interfaces that should be captured now, opens engines on new
+ones, and closes the engines of interfaces that went away, keeping their flow tables (and
+zone tallies) so nothing counted is lost and a returning interface carries on where it was.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable, Sequence
 from agent.aggregate.flows import FlowRecord, FlowTable, SocketOwners
 from agent.errors import SensorError
 from agent.sensors import capture
+from agent.sensors.accounting import ZoneCounters
 from agent.zonemap import ZoneMap
 
 log = logging.getLogger(__name__)
@@ -38,56 +44,115 @@ class FlowMonitor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._owners = owners or SocketOwners()
+        self._open_engine, self._check = open_engine, check
+        self._zones = zones
+        self._timeouts = (idle_timeout_s, active_timeout_s)
         self.engines: dict[str, capture.CaptureEngine] = {}
         self.tables: dict[str, FlowTable] = {}
         self.problems: dict[str, str] = {}
+        # Engines whose reader failed (the interface went away): closed by the next watch().
+        self._failed: set[str] = set()
+        self._thread = threading.Thread(target=self._drain, name="zonewatch-capture", daemon=True)
+        self._started = False
+        self.watch(interfaces)
+
+    def watch(self, interfaces: Sequence[str]) -> None:
+        """Capture on exactly these interfaces from now on (engines already open stay as they are)."""
+        wanted = set(interfaces)
+        with self._lock:
+            gone = [n for n in self.engines if n not in wanted or n in self._failed]
+            stale = [n for n in self.problems if n not in wanted]
+        for name in stale:
+            with self._lock:
+                self.problems.pop(name, None)
+        for name in gone:
+            with self._lock:
+                engine = self.engines.pop(name)
+                self._failed.discard(name)
+            try:
+                engine.close()
+            except SensorError as exc:
+                log.warning("closing capture on %s: %s", name, exc)
         for name in interfaces:
-            ok, why = check(name)
+            if name in self.engines or (name in gone and name in self.problems):
+                continue  # open already, or failed just now: try again at the next watch
+            ok, why = self._check(name)
             if not ok:
-                self.problems[name] = why
+                with self._lock:
+                    self.problems[name] = why
                 continue
             try:
-                self.engines[name] = open_engine(name)
+                engine = self._open_engine(name)
             except SensorError as exc:
-                self.problems[name] = str(exc)
+                with self._lock:
+                    self.problems[name] = str(exc)
                 continue
-            self.tables[name] = FlowTable(
-                zones, name, idle_timeout_s=idle_timeout_s, active_timeout_s=active_timeout_s
-            )
-        self._thread = threading.Thread(target=self._drain, name="zonewatch-capture", daemon=True)
-        if self.engines:
+            with self._lock:
+                self.problems.pop(name, None)
+                self.engines[name] = engine
+                if name not in self.tables:
+                    idle, active = self._timeouts
+                    self.tables[name] = FlowTable(
+                        self._zones, name, idle_timeout_s=idle, active_timeout_s=active
+                    )
+            log.info("capturing on %s", name)
+        if self.engines and not self._started:
+            self._started = True
             self._thread.start()
 
     def _drain(self) -> None:
-        by_fd = {engine.fileno(): name for name, engine in self.engines.items()}
         while not self._stop.is_set():
+            with self._lock:
+                by_fd = {e.fileno(): (n, e) for n, e in self.engines.items() if n not in self._failed}
             try:
                 ready, _, _ = select.select(list(by_fd), [], [], 0.2)
             except (OSError, ValueError):
-                return  # engines closed under us: stopping
+                continue  # an engine closed under us by watch(): take the new set
             for fd in ready:
-                name = by_fd[fd]
+                name, engine = by_fd[fd]
                 try:
-                    packets = self.engines[name].read(0)
-                except SensorError as exc:
+                    packets = engine.read(0)
+                except (SensorError, ValueError, OSError) as exc:
                     with self._lock:
-                        self.problems[name] = str(exc)
-                    del by_fd[fd]
+                        if self.engines.get(name) is engine:
+                            self.problems[name] = str(exc)
+                            self._failed.add(name)
                     continue
                 with self._lock:
                     self.tables[name].add(packets)
 
     def set_zones(self, zones: ZoneMap) -> None:
         with self._lock:
+            self._zones = zones
             for table in self.tables.values():
-                table.zones = zones
+                table.set_zones(zones)
 
-    def collect(self, now_ns: int | None = None, *, flush: bool = False) -> list[FlowRecord]:
-        """Flows closed since the last call (all of them with flush), attributed to processes."""
+    def zone_counters(self) -> dict[str, ZoneCounters]:
+        """Bytes and packets seen per remote zone on every captured interface, cumulative."""
+        totals: dict[str, list[int]] = {}
+        with self._lock:
+            for table in self.tables.values():
+                for zone, counts in table.zone_counters().items():
+                    into = totals.setdefault(zone, [0, 0, 0, 0, 0])
+                    for i, value in enumerate(counts):
+                        into[i] += value
+        return {zone: ZoneCounters(*values) for zone, values in totals.items()}
+
+    def sampling(self) -> int:
+        """The highest sampling rate N (1 in N) any engine runs at now; 1 when all see everything."""
+        with self._lock:
+            engines = list(self.engines.values())
+        return max((e.stats().sampling_rate for e in engines), default=1)
+
+    def collect(
+        self, now_ns: int | None = None, *, flush: bool = False, attribute: bool = True
+    ) -> list[FlowRecord]:
+        """Flows closed since the last call (all of them with flush), attributed to processes
+        unless ``attribute`` is False (flows not reported: the capture runs for zone accounting)."""
         now = time.time_ns() if now_ns is None else now_ns
         with self._lock:
             closed = [r for t in self.tables.values() for r in (t.flush() if flush else t.expire(now))]
-        if closed:
+        if closed and attribute:
             self._owners.refresh()  # the socket table is read here, outside the lock, once per tick at most
             closed = [r._replace(process=self._owners.owner(r)) for r in closed]
         return closed
@@ -95,14 +160,16 @@ class FlowMonitor:
     def status(self) -> str:
         """One line for the health fact: what is captured, what it cost, what is off and why."""
         parts = []
-        for name, engine in self.engines.items():
+        with self._lock:
+            engines = dict(self.engines)
+            problems = dict(self.problems)
+        for name, engine in engines.items():
             s = engine.stats()
             sampled = f", sampling 1 in {s.sampling_rate}" if s.sampling_rate > 1 else ""
             parts.append(f"{name}: {s.received} packets, {s.dropped} dropped{sampled}")
-        with self._lock:
-            parts += [f"{name} off: {why}" for name, why in self.problems.items() if name not in self.engines]
-            parts += [f"{name} stopped: {why}" for name, why in self.problems.items() if name in self.engines]
-        if not self.engines:
+        parts += [f"{name} off: {why}" for name, why in problems.items() if name not in engines]
+        parts += [f"{name} stopped: {why}" for name, why in problems.items() if name in engines]
+        if not engines:
             return "off: " + ("; ".join(parts) if parts else "no interface to capture")
         return "on: " + "; ".join(parts)
 
@@ -112,7 +179,7 @@ class FlowMonitor:
         if self._thread.is_alive():
             self._thread.join(2.0)
         remaining = self.collect(flush=True)
-        for engine in self.engines.values():
+        for engine in list(self.engines.values()):
             try:
                 engine.close()
             except SensorError as exc:

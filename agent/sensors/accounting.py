@@ -115,6 +115,9 @@ class ZoneCounters(NamedTuple):
     bytes_out: int
     packets_in: int
     packets_out: int
+    # Capture-based accounting: the packets (both ways) those seen stand for, with the
+    # ones sampling skipped. 0 when every packet was counted (kernel counters).
+    estimated_packets: int = 0
 
 
 class ZoneDelta(NamedTuple):
@@ -127,6 +130,8 @@ class ZoneDelta(NamedTuple):
     packets_out: int
     interval_ms: int = 0
     counter_reset: bool = False  # a counter restarted; the counts cover only the time since
+    # The fraction of packets the counts saw (1.0: all); capture under overload samples.
+    sampling_rate: float = 1.0
 
 
 def nft_runner(prefix: Sequence[str] = (), nft: str = "nft", timeout: float = 10.0) -> Run:
@@ -423,9 +428,12 @@ class ZoneTrafficSampler:
                 old.bytes_out, old.packets_out, new.bytes_out, new.packets_out
             )
             reset = reset_in or reset_out
+            estimated = new.estimated_packets - (0 if reset else old.estimated_packets)
+            seen = packets_in + packets_out
+            rate = seen / estimated if estimated > seen > 0 else 1.0
             if reset or self._include_idle or packets_in or packets_out:
                 deltas.append(
-                    ZoneDelta(zone, bytes_in, bytes_out, packets_in, packets_out, interval_ms, reset)
+                    ZoneDelta(zone, bytes_in, bytes_out, packets_in, packets_out, interval_ms, reset, rate)
                 )
         return deltas
 

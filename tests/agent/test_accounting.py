@@ -342,6 +342,21 @@ def test_sampler_reports_deltas_for_new_and_reset_zones() -> None:
     assert sampler.sample() == [ZoneDelta("a", 40, 200, 1, 2, 1000, True)]
 
 
+def test_sampler_reports_the_fraction_a_sampled_capture_saw() -> None:
+    fake = FakeCounters()
+    sampler = ZoneTrafficSampler(fake.read, fake.monotonic_ns)
+    fake.values = {"a": ZoneCounters(1000, 0, 10, 0, 10)}
+    sampler.sample()
+    fake.now_ns += 10**9
+    # 4 more packets seen, standing for 16: one in four was seen.
+    fake.values = {"a": ZoneCounters(1400, 0, 14, 0, 26)}
+    (delta,) = sampler.sample()
+    assert (delta.bytes_in, delta.packets_in, delta.sampling_rate) == (400, 4, 0.25)
+    fake.now_ns += 10**9
+    fake.values = {"a": ZoneCounters(1500, 0, 15, 0, 27)}  # every packet seen again
+    assert sampler.sample()[0].sampling_rate == 1.0
+
+
 def test_sampler_can_report_idle_zones() -> None:
     fake = FakeCounters()
     fake.values = {"idle": ZoneCounters(7, 7, 1, 1)}

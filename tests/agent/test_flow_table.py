@@ -11,7 +11,7 @@ from typing import NamedTuple
 import psutil
 
 from agent.aggregate.flows import TCP, UDP, FlowTable, ProcessRef, SocketOwners
-from agent.sensors.accounting import ZoneRanges
+from agent.sensors.accounting import ZoneCounters, ZoneRanges
 from agent.zonemap import ZoneMap
 
 SEC = 1_000_000_000
@@ -170,3 +170,25 @@ def test_a_real_connection_is_attributed_to_this_process() -> None:
         client.close()
         accepted.close()
         server.close()
+
+
+def test_the_table_tallies_what_it_saw_per_remote_zone_for_capture_based_accounting() -> None:
+    table = FlowTable(ZONES)
+    table.add([out(1.0, 1000), inn(1.1, 60), out(1.2, 1000, sport=40001)])
+    table.add([out(1.3, 500)._replace(sampling_rate=4)])  # sampled: one summary for four packets
+    (zone,) = table.zone_counters().items()
+    assert zone == ("公安专网", ZoneCounters(60, 2500, 1, 3, 7))
+    # Flows ending do not take their bytes out of the tally: it is cumulative.
+    table.expire(10**6 * SEC)
+    assert table.zone_counters()["公安专网"].bytes_out == 2500
+
+
+def test_a_new_catalog_moves_open_flows_to_their_new_zone() -> None:
+    table = FlowTable(ZoneMap())
+    table.add([out(1.0, 1000)])
+    table.set_zones(ZONES)
+    table.add([out(1.1, 200)])
+    counters = table.zone_counters()
+    assert counters["unknown"].bytes_out == 1000 and counters["公安专网"].bytes_out == 200
+    (flow,) = table.flush()
+    assert flow.remote_zone == "公安专网"

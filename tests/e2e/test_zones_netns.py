@@ -4,6 +4,8 @@ host's interfaces carried; and a catalog edit reaches the running agent."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import cli_json
-from testnet import ZONE_CATALOG, Host, TestNetwork, require_root_netns
+from testnet import ROOT, ZONE_CATALOG, Host, TestNetwork, require_root_netns
 
 pytestmark = pytest.mark.netns
 
@@ -145,6 +147,70 @@ def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agen
         assert agent.wait(20) == 0
         # The agent removed its table on exit: the host's ruleset is as it found it.
         assert "zonewatch" not in host.run("nft", "list", "tables").stdout
+        collector.terminate()
+        assert collector.wait(20) == 0
+
+
+def test_without_nftables_the_capture_counts_every_byte_per_zone(tmp_path: Path) -> None:
+    """A host whose nft is missing: the agent says so, counts from its packet capture instead,
+    and the counts still equal what the interfaces carried, over IPv4 and IPv6."""
+    require_root_netns()
+    db = tmp_path / "collector.db"
+    zones = tmp_path / "zones.yaml"
+    zones.write_text(ZONE_CATALOG, encoding="utf-8")
+    # A PATH with `ip` (to enter the namespace) and nothing else: no nft, no tcpdump.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ip = shutil.which("ip")
+    assert ip is not None
+    (bin_dir / "ip").symlink_to(ip)
+    env = {**os.environ, "PATH": str(bin_dir), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with TestNetwork() as net:
+        central = net.add_host("coll", "extranet")
+        host = net.add_host("agent", "extranet", "dedicated")
+        peer_extranet = net.add_host("pext", "extranet")
+        peer_dedicated = net.add_host("pded", "dedicated")
+        collector, listen = start_collector(central, db, zones)
+        agent = host.popen(
+            sys.executable, "-m", "agent.cli", "run", "--collector", listen, "--interval", "1",
+            "--state-dir", str(tmp_path / "agent"), "--hostname", "no-nft-01", env=env,
+        )  # fmt: skip
+        first = next_tick(db, 0, timeout=30)
+        t0 = next_tick(db, first)
+        eth = host.interfaces
+        before = {s: host.iface_counters(eth[s]) for s in ("extranet", "dedicated")}
+        net.iperf3(host, peer_dedicated, "dedicated", seconds=2, ipv6=True)  # the dedicated network sends
+        net.iperf3(peer_extranet, host, "extranet", seconds=2)  # the host sends to the extranet
+        time.sleep(2.5)
+        t1 = next_tick(db, next_tick(db, t0))
+        after = {s: host.iface_counters(eth[s]) for s in ("extranet", "dedicated")}
+        counted = zone_totals(db, t0, t1)
+        ded_in, ded_out = counted["公安专网"]
+        ext_in, ext_out = counted["市级横向外网"]
+        assert ded_in > 50_000_000 and ext_out > 50_000_000, "the iperf3 runs should have moved real volume"
+        assert ded_in == pytest.approx(l3_bytes(after["dedicated"], before["dedicated"], "rx"), rel=1e-3)
+        assert ded_out == pytest.approx(l3_bytes(after["dedicated"], before["dedicated"], "tx"), rel=1e-3)
+        assert ext_out == pytest.approx(l3_bytes(after["extranet"], before["extranet"], "tx"), rel=1e-3)
+        assert ext_in == pytest.approx(l3_bytes(after["extranet"], before["extranet"], "rx"), rel=1e-3)
+
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            methods = {
+                m for (m,) in con.execute("SELECT DISTINCT method FROM zone_traffic WHERE time_ms > ?", (t0,))
+            }
+        finally:
+            con.close()
+        assert methods == {"capture"}
+        (row,) = [
+            r
+            for r in cli_json("zonewatch-collector", "agents", "--db", str(db))
+            if r["hostname"] == "no-nft-01"
+        ]
+        # The agents view lists the fallback with its reason.
+        assert row["sensors"].startswith("zone_accounting: fallback: capture on eth"), row
+        assert "(nftables unavailable: nft not found (is nftables installed?))" in row["sensors"], row
+        agent.terminate()
+        assert agent.wait(20) == 0
         collector.terminate()
         assert collector.wait(20) == 0
 
