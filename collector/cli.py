@@ -31,6 +31,7 @@ examples:
   zonewatch-collector watch
   zonewatch-collector traffic --by zone --since 24h
   zonewatch-collector flows --zone 公安专网 --since 24h --top 20
+  zonewatch-collector flows --zone 公安专网 --user app --process java --wide
   zonewatch-collector retention
   zonewatch-collector serve --raw-hours 72 --minute-days 90 --hour-days 730
   zonewatch-collector zones validate /etc/zonewatch/zones.yaml
@@ -170,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bandwidth",
         help="traffic per agent and interface: current, average, p95, peak, utilization",
         description="Per agent and interface over a time range: current, average, p95 and peak "
-        "bit rates each way, and utilization of the link speed.",
+        "bit rates each way, and utilization of the link speed. Where the range is older than the raw "
+        "samples kept (serve --raw-hours), their per-minute or per-hour sums answer: totals and averages "
+        "stay exact, peaks are per sample, and p95, current rates and utilization become averages over "
+        "such buckets (a note on stderr says so).",
     )
     _db_arg(bw)
     _format_arg(bw)
@@ -190,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Traffic exchanged with each zone as the agents' kernel counters measured it, summed "
         "over "
         "the fleet per time bucket: total bytes, average, p95 and peak bit rates each way, and, by zone, the "
-        "load of the zone's link against its capacity (the vertical and horizontal extranet links).",
+        "load of the zone's link against its capacity (the vertical and horizontal extranet links). "
+        "Where the range is older than the raw traffic kept (serve --raw-hours), its per-minute or "
+        "per-hour sums answer: bytes stay exact, and the bucket grows to a multiple of theirs (a note "
+        "on stderr says so).",
     )
     _db_arg(tr)
     _format_arg(tr)
@@ -207,15 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration,
         default=60_000,
         metavar="DURATION",
-        help="rates are computed per bucket of this length (default 1m)",
+        help="rates are computed per bucket of this length (default 1m); at least 1m or 1h where "
+        "the range is older than the raw traffic kept",
     )
 
     fl = sub.add_parser(
         "flows",
-        help="which program on which host talks to which remote endpoint and zone, and how much",
-        description="Flows the agents reported, summed per agent, process, remote address and port, "
-        "protocol and remote zone: how many flows, bytes each way, packets, first and last seen; most "
-        "bytes first. The list a migration acts on: which program still talks to a dedicated network.",
+        help="which program, run by whom, on which host talks to which remote endpoint and zone, how much",
+        description="Flows the agents reported, summed per agent, process, user, remote address and port, "
+        "protocol and remote zone: how many flows, bytes each way, packets, first and last seen, and the "
+        "pid and command line of the most recent flow; most bytes first. The list a migration acts on: "
+        "which program still talks to a dedicated network.",
     )
     _db_arg(fl)
     _format_arg(fl)
@@ -224,8 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument(
         "--process", help="only flows whose process name or command line contains this (any case)"
     )
+    fl.add_argument("--user", metavar="NAME", help="only flows of processes run by this user (exact name)")
     _range_args(fl)
     fl.add_argument("--top", type=int, help="only the N groups with the most bytes")
+    fl.add_argument(
+        "--wide",
+        action="store_true",
+        help="table: also the last pid and command line (cut at 60 columns); json/csv always have all",
+    )
 
     ret = sub.add_parser(
         "retention",
@@ -376,6 +391,11 @@ def cmd_bandwidth(args: argparse.Namespace) -> int:
     db = _open(args)
     rows = _bandwidth_rows(db, args, args.since, args.until)
     render(rows, args.format, _bandwidth_columns(args), sys.stdout)
+    if rows and rows[0].bucket_ms:
+        _note_coarser(
+            f"p95, current rates and utilization are averages over {_length(rows[0].bucket_ms)} buckets"
+            " (peaks per sample)"
+        )
     return 0
 
 
@@ -415,11 +435,29 @@ def cmd_traffic(args: argparse.Namespace) -> int:
         db, by=args.by, since_ms=since_ms, until_ms=until_ms, bucket_ms=args.bucket, zone=args.zone
     )
     render(rows, args.format, TRAFFIC_COLUMNS, sys.stdout)
+    if rows and rows[0].bucket_ms != args.bucket:
+        _note_coarser(
+            f"rates are averages over {_length(rows[0].bucket_ms)} buckets, not {_length(args.bucket)}"
+        )
     return 0
 
 
+def _note_coarser(what: str) -> None:
+    """Say on stderr that the figures are coarser than asked: the output itself stays as it is."""
+    print(f"zonewatch-collector: note: the range is older than the raw horizon: {what}", file=sys.stderr)
+
+
+def _length(ms: int) -> str:
+    """A bucket length as people say it: 1 min, 2 h, 90 s."""
+    if ms % 3_600_000 == 0:
+        return f"{ms // 3_600_000} h"
+    if ms % 60_000 == 0:
+        return f"{ms // 60_000} min"
+    return f"{ms / 1000:g} s"
+
+
 def cmd_flows(args: argparse.Namespace) -> int:
-    from collector.output import FLOW_COLUMNS, check_range, parse_time, render
+    from collector.output import FLOW_COLUMNS, FLOW_SUMMARY_COLUMNS, check_range, parse_time, render
     from collector.store.flows import flows
     from collector.store.queries import resolve_agent
 
@@ -434,9 +472,11 @@ def cmd_flows(args: argparse.Namespace) -> int:
         agent=resolve_agent(db, args.agent) if args.agent else None,
         zone=args.zone,
         process=args.process,
+        user=args.user,
         top=args.top,
     )
-    render(rows, args.format, FLOW_COLUMNS, sys.stdout)
+    wide = args.wide or args.format != "table"
+    render(rows, args.format, FLOW_COLUMNS if wide else FLOW_SUMMARY_COLUMNS, sys.stdout)
     return 0
 
 

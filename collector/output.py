@@ -30,11 +30,14 @@ class Column(NamedTuple):
     kind: "text", "int", "bps" (bits per second), "speed" (bps, 0 for unknown),
     "bytes", "time" (ms since the epoch, shown in local time), "percent" (a
     fraction, 0.125 shows as 12.5 %) or "status" (online/stale/offline, coloured).
+    max_width: in a table, longer cells are cut to this many terminal cells, ending
+    in "…" (json and csv keep the whole value).
     """
 
     field: str
     header: str
     kind: str = "text"
+    max_width: int | None = None
 
 
 AGENT_COLUMNS: tuple[Column, ...] = (
@@ -141,6 +144,7 @@ TRAFFIC_COLUMNS: tuple[Column, ...] = (
 FLOW_COLUMNS: tuple[Column, ...] = (
     Column("hostname", "host"),
     Column("process", "process"),
+    Column("user", "user"),
     Column("remote_addr", "remote"),
     Column("remote_port", "port"),
     Column("ip_protocol", "proto"),
@@ -151,7 +155,13 @@ FLOW_COLUMNS: tuple[Column, ...] = (
     Column("packets", "packets", "int"),
     Column("first_ms", "first", "time"),
     Column("last_ms", "last", "time"),
+    Column("pid", "last pid"),  # not "int": a pid reads 4242, not 4,242
+    # Up to 1024 characters: in full it would stretch every row of the table.
+    Column("cmdline", "last command line", max_width=60),
 )
+
+# `--wide` shows FLOW_COLUMNS; json and csv always carry every field.
+FLOW_SUMMARY_COLUMNS: tuple[Column, ...] = tuple(c for c in FLOW_COLUMNS if c.field not in {"pid", "cmdline"})
 
 # Raw interface samples show the time range of the batches holding them; rollups, bucket starts.
 RETENTION_COLUMNS: tuple[Column, ...] = (
@@ -171,6 +181,7 @@ _EMPTY = {
     ZONE_COLUMNS: "no zones",
     TRAFFIC_COLUMNS: "no zone traffic in range",
     FLOW_COLUMNS: "no flows in range",
+    FLOW_SUMMARY_COLUMNS: "no flows in range",
     ZONE_LOOKUP_COLUMNS: "no addresses",
 }
 
@@ -225,7 +236,13 @@ def _print_table(rows: Sequence[Record], columns: Sequence[Column], stream: Text
     for column in columns:
         table.add_column(column.header, justify="right" if column.kind in _NUMERIC else "left", no_wrap=True)
     for row in rows:
-        table.add_row(*(_cell(getattr(row, column.field), column.kind) for column in columns))
+        cells = []
+        for column in columns:
+            cell = _cell(getattr(row, column.field), column.kind)
+            if column.max_width is not None:
+                cell.truncate(column.max_width, overflow="ellipsis")
+            cells.append(cell)
+        table.add_row(*cells)
     console = Console(file=stream, highlight=False)
     # Always as wide as the table: squeezed to a terminal (or to 80 columns in a
     # pipe) rich would cut figures to "1.…". A line too long wraps or scrolls (less -S).

@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -144,6 +145,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for nodeid in skipped:
             print(f"  {nodeid}", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    """Where a store test's collector database lives (a module may define its own ``path``)."""
+    return tmp_path / "collector.db"
+
+
+@pytest.fixture
+def db(path: Path) -> Iterator[sqlite3.Connection]:
+    """The writer's connection to a fresh, migrated database at ``path``."""
+    from collector.store.database import open_database
+
+    con = open_database(path)
+    yield con
+    con.close()
 
 
 @pytest.fixture

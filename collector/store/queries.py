@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import sqlite3
 from bisect import bisect_right
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, NamedTuple
 
 from collector.errors import QueryError, StoreError
 from collector.model import MAX_BATCH_SPAN_MS
+from collector.store.retention import INTERFACES, RAW, ReadPlan, read_plan
 
 # An agent id prefix shorter than this matches too much to be a useful handle.
 MIN_PREFIX = 4
@@ -44,6 +47,8 @@ class AgentRow(NamedTuple):
 
 
 class BandwidthRow(NamedTuple):
+    """Figures of one interface; where bucket_ms is not 0, as bandwidth() says."""
+
     hostname: str
     agent_id: str
     department: str
@@ -65,6 +70,9 @@ class BandwidthRow(NamedTuple):
     total_tx_bytes: int
     counter_resets: int
     last_ms: int
+    # 0: the rates are per sample. Else the range reaches back past the raw samples kept, and
+    # p95, current rates and utilization are averages over buckets of this length.
+    bucket_ms: int = 0
 
 
 @contextmanager
@@ -76,7 +84,7 @@ def _translated(what: str) -> Iterator[None]:
 
 
 @contextmanager
-def _snapshot(db: sqlite3.Connection) -> Iterator[None]:
+def snapshot(db: sqlite3.Connection) -> Iterator[None]:
     """Run several SELECTs against one consistent view, even while the writer commits."""
     if db.in_transaction:
         yield
@@ -206,6 +214,24 @@ _LATEST = (
 )
 
 
+# Where the rollups answer (bucketed figures): each sample in range with its time and speed.
+_SCAN_TIMED = (
+    "SELECT s.series, s.time_ms, s.rx_bytes, s.tx_bytes, s.interval_ms, s.rx_bps, s.tx_bps,"
+    " s.speed_bps, s.utilization, s.counter_reset" + _IN_RANGE
+)
+# Samples in no rollup yet (ids above the cursor: a short rowid range), in a span of the rollups.
+_PENDING = (
+    "SELECT series, time_ms, rx_bytes, tx_bytes, interval_ms, rx_bps, tx_bps, speed_bps, utilization,"
+    " counter_reset FROM interface_samples"
+    " WHERE id > :rolled AND agent = :agent AND time_ms >= :since AND time_ms < :until"
+)
+_ROLLUPS = (
+    "SELECT series, bucket_ms, samples, rx_bytes, tx_bytes, interval_ms, peak_rx_bps, peak_tx_bps,"
+    " speed_bps, counter_resets FROM interface_rollups"
+    " WHERE resolution_ms = :resolution AND agent = :agent AND bucket_ms >= :since AND bucket_ms < :until"
+)
+
+
 class _Agent(NamedTuple):
     id: int
     agent_id: str
@@ -226,33 +252,67 @@ def bandwidth(
     """Traffic per (agent, interface) over samples with since_ms <= time_ms < until_ms.
 
     Busiest first (by the larger of the two p95 rates); ``top`` keeps that many rows.
+
+    Where the range reaches back past the raw samples kept, the per-minute or per-hour
+    rollups answer for that part (store/retention.py, read_plan), taken in whole buckets
+    (one that starts before since_ms is left out), and the row's bucket_ms is the coarsest
+    tier read. Then, with every sample in range in a bucket of that length:
+
+    - samples, total_*_bytes, counter_resets: exact, as from the samples themselves;
+    - avg_*_bps: exact, bits counted over the sum of the samples' intervals;
+    - p95_*_bps: nearest-rank p95 of the buckets' average rates (their bits over the sum
+      of their samples' intervals), over the buckets that have samples;
+    - peak_*_bps: the highest per-sample rate, exact (each bucket keeps its peak);
+    - speed_bps: a bucket's is the highest link speed its samples reported (0: unknown;
+      buckets rolled up before the collector stored it do not know it);
+    - utilization_p95: p95 of max(rx, tx average) / speed over the buckets with a known
+      speed; utilization_peak: the highest max(rx, tx peak) / speed of those buckets;
+    - current_*_bps, speed_bps, last_ms: of the latest sample, as without rollups, when the
+      series has samples in the part of the range the raw samples answer for; else the last
+      bucket's average rates and speed, and its start.
     """
     if top is not None and top < 1:
         raise QueryError(f"top must be at least 1, not {top}")
     rows: list[BandwidthRow] = []
-    with _translated("query bandwidth"), _snapshot(db):
+    with _translated("query bandwidth"), snapshot(db):
+        plan = read_plan(db, INTERFACES, since_ms, until_ms)
         sql = "SELECT id, agent_id, hostname, department, county FROM agents"
         found = db.execute(sql + " WHERE id = ?", (agent,)) if agent is not None else db.execute(sql)
         for who in [_Agent(*row) for row in found]:
-            rows.extend(_bandwidth_of(db, who, interface, since_ms, until_ms))
+            rows.extend(_bandwidth_of(db, who, interface, plan))
     rows.sort(key=lambda r: (-max(r.p95_rx_bps, r.p95_tx_bps), r.hostname, r.interface))
     return rows[:top] if top is not None else rows
 
 
 def _bandwidth_of(
-    db: sqlite3.Connection, who: _Agent, interface: str | None, since_ms: int, until_ms: int
+    db: sqlite3.Connection, who: _Agent, interface: str | None, plan: ReadPlan
 ) -> list[BandwidthRow]:
     """One row per series of the agent with samples in range (only ``interface``'s, if given)."""
-    params = {"agent": who.id, "since": since_ms, "until": until_ms, "span": MAX_BATCH_SPAN_MS}
-    if interface is None:
-        samples = db.execute(_SCAN, params).fetchall()
-    else:
-        series = db.execute(
+    series_id = None
+    if interface is not None:
+        found = db.execute(
             "SELECT id FROM series WHERE agent = ? AND interface = ?", (who.id, interface)
         ).fetchone()
-        if series is None:
+        if found is None:
             return []
-        samples = db.execute(_SCAN + " AND s.series = :series", {**params, "series": series[0]}).fetchall()
+        series_id = int(found[0])
+    if plan.resolution_ms != RAW:
+        return _per_bucket(db, who, series_id, plan)
+    if not plan.spans:
+        return []
+    (span,) = plan.spans
+    return _per_sample(db, who, series_id, span.since_ms, span.until_ms)
+
+
+def _per_sample(
+    db: sqlite3.Connection, who: _Agent, series_id: int | None, since_ms: int, until_ms: int
+) -> list[BandwidthRow]:
+    """The rows of a range wholly within the raw horizon: figures over the samples themselves."""
+    params = {"agent": who.id, "since": since_ms, "until": until_ms, "span": MAX_BATCH_SPAN_MS}
+    if series_id is None:
+        samples = db.execute(_SCAN, params).fetchall()
+    else:
+        samples = db.execute(_SCAN + " AND s.series = :series", {**params, "series": series_id}).fetchall()
     if not samples:
         return []
     names = dict(db.execute("SELECT id, interface FROM series WHERE agent = ?", (who.id,)).fetchall())
@@ -337,4 +397,158 @@ def _figures(
         total_tx_bytes=int(total_tx),
         counter_resets=count - counter_reset.count(0),
         last_ms=int(last_ms),
+    )
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """The samples of one series in one bucket of the query, as far as read."""
+
+    samples: int
+    rx_bytes: int
+    tx_bytes: int
+    interval_ms: int
+    peak_rx_bps: float
+    peak_tx_bps: float
+    speed_bps: int  # the highest reported; 0: none knew it
+    peak_utilization: float | None  # of the samples with a known speed; None: there are none
+    counter_resets: int
+
+    def add(self, other: _Bucket) -> None:
+        self.samples += other.samples
+        self.rx_bytes += other.rx_bytes
+        self.tx_bytes += other.tx_bytes
+        self.interval_ms += other.interval_ms
+        self.peak_rx_bps = max(self.peak_rx_bps, other.peak_rx_bps)
+        self.peak_tx_bps = max(self.peak_tx_bps, other.peak_tx_bps)
+        self.speed_bps = max(self.speed_bps, other.speed_bps)
+        if other.peak_utilization is not None:
+            self.peak_utilization = max(self.peak_utilization or 0.0, other.peak_utilization)
+        self.counter_resets += other.counter_resets
+
+
+def _per_bucket(
+    db: sqlite3.Connection, who: _Agent, series_id: int | None, plan: ReadPlan
+) -> list[BandwidthRow]:
+    """The rows of a range that reaches into the rollups: figures over buckets of the coarsest
+    tier read (see bandwidth), every sample in range in one of them."""
+    size = plan.resolution_ms
+    buckets: dict[int, dict[int, _Bucket]] = defaultdict(dict)  # series -> bucket start -> figures
+
+    def add(series: int, time_ms: int, part: _Bucket) -> None:
+        start = time_ms - time_ms % size
+        into = buckets[series].get(start)
+        if into is None:
+            buckets[series][start] = part
+        else:
+            into.add(part)
+
+    newest_raw: set[int] = set()  # series with samples where the raw samples answer
+    only, only_scanned = (
+        ("", "") if series_id is None else (" AND series = :series", " AND s.series = :series")
+    )
+    for span in plan.spans:
+        params = {
+            "agent": who.id,
+            "since": span.since_ms,
+            "until": span.until_ms,
+            "span": MAX_BATCH_SPAN_MS,
+            "rolled": plan.rolled_id,
+            "resolution": span.resolution_ms,
+            "series": series_id,
+        }
+        if span.resolution_ms == RAW:
+            samples = db.execute(_SCAN_TIMED + only_scanned, params).fetchall()
+            newest_raw.update(row[0] for row in samples)
+        else:
+            samples = db.execute(_PENDING + only, params).fetchall()
+            for series, bucket_ms, count, rx, tx, interval, peak_rx, peak_tx, speed, resets in db.execute(
+                _ROLLUPS + only, params
+            ):
+                utilization = max(peak_rx, peak_tx) / speed if speed > 0 else None
+                add(
+                    series,
+                    bucket_ms,
+                    _Bucket(count, rx, tx, interval, peak_rx, peak_tx, speed, utilization, resets),
+                )
+        for series, time_ms, rx, tx, interval, rx_bps, tx_bps, speed, utilization, reset in samples:
+            known = utilization if speed > 0 else None
+            add(series, time_ms, _Bucket(1, rx, tx, interval, rx_bps, tx_bps, speed, known, int(reset != 0)))
+    if not buckets:
+        return []
+    names = dict(db.execute("SELECT id, interface FROM series WHERE agent = ?", (who.id,)).fetchall())
+    rows = []
+    for series, by_start in sorted(buckets.items()):
+        name = names.get(series)
+        if name is None:
+            raise StoreError(
+                f"samples of agent {who.agent_id} refer to series {series}, which it does not have"
+            )
+        latest = None
+        if series in newest_raw:
+            raw = plan.spans[-1]  # the raw samples answer for the newest part, if for any
+            latest = _latest(
+                db,
+                {
+                    "agent": who.id,
+                    "since": raw.since_ms,
+                    "until": raw.until_ms,
+                    "span": MAX_BATCH_SPAN_MS,
+                    "series": series,
+                },
+            )
+        rows.append(_bucket_figures(who, name, size, sorted(by_start.items()), latest))
+    return rows
+
+
+def _rate(bytes_: int, interval_ms: int) -> float:
+    return bytes_ * 8000 / interval_ms if interval_ms > 0 else 0.0
+
+
+def _bucket_figures(
+    who: _Agent,
+    interface: str,
+    size: int,
+    buckets: list[tuple[int, _Bucket]],
+    latest: tuple[int, float, float, int] | None,
+) -> BandwidthRow:
+    """The figures of one series from its (start, bucket) pairs, oldest first (see bandwidth)."""
+    rx_rates = [_rate(b.rx_bytes, b.interval_ms) for _, b in buckets]
+    tx_rates = [_rate(b.tx_bytes, b.interval_ms) for _, b in buckets]
+    utilization = sorted(
+        max(rx, tx) / b.speed_bps
+        for rx, tx, (_, b) in zip(rx_rates, tx_rates, buckets, strict=True)
+        if b.speed_bps > 0
+    )
+    peaks = [b.peak_utilization for _, b in buckets if b.peak_utilization is not None]
+    total_rx = sum(b.rx_bytes for _, b in buckets)
+    total_tx = sum(b.tx_bytes for _, b in buckets)
+    seconds = sum(b.interval_ms for _, b in buckets) / 1000
+    if latest is None:
+        last_start, last = buckets[-1]
+        latest = (last_start, rx_rates[-1], tx_rates[-1], last.speed_bps)
+    last_ms, current_rx, current_tx, current_speed = latest
+    return BandwidthRow(
+        hostname=who.hostname,
+        agent_id=who.agent_id,
+        department=who.department,
+        county=who.county,
+        interface=interface,
+        samples=sum(b.samples for _, b in buckets),
+        current_rx_bps=float(current_rx),
+        current_tx_bps=float(current_tx),
+        avg_rx_bps=total_rx * 8 / seconds if seconds > 0 else 0.0,
+        avg_tx_bps=total_tx * 8 / seconds if seconds > 0 else 0.0,
+        p95_rx_bps=float(_nearest_rank_p95(sorted(rx_rates))),
+        p95_tx_bps=float(_nearest_rank_p95(sorted(tx_rates))),
+        peak_rx_bps=float(max(b.peak_rx_bps for _, b in buckets)),
+        peak_tx_bps=float(max(b.peak_tx_bps for _, b in buckets)),
+        speed_bps=int(current_speed),
+        utilization_p95=float(_nearest_rank_p95(utilization)) if utilization else None,
+        utilization_peak=float(max(peaks)) if peaks else None,
+        total_rx_bytes=int(total_rx),
+        total_tx_bytes=int(total_tx),
+        counter_resets=sum(b.counter_resets for _, b in buckets),
+        last_ms=int(last_ms),
+        bucket_ms=size,
     )

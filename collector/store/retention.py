@@ -18,6 +18,15 @@ only the watermark, the time up to which a reader may take the rollups as final.
 
 Pruning never deletes a row that is not counted yet. Every batches row stays,
 because (agent, seq) is the idempotency key; only its sample range is forgotten.
+Each pruning step records how far it went (retention_horizons), in the transaction
+that deletes.
+
+Reading. So a reader can answer for any range exactly (read_plan): the rollups hold
+exactly the raw rows with id <= rolled_id, and pruning deletes only those. For a split
+time T aligned to a tier's buckets, "the tier's buckets before T, plus the raw rows
+before T with id > rolled_id, plus every raw row from T on" counts each row once,
+whatever was pruned or arrived late, as long as nothing from T on was pruned: T is
+the recorded horizon rounded up to the tier's buckets.
 """
 
 from __future__ import annotations
@@ -102,8 +111,10 @@ class _Source(NamedTuple):
     peaks: tuple[tuple[str, str], ...]
 
 
-def _scaled(column: str) -> str:
-    """A sampled capture's count as the estimated total (the traffic view scales the same way)."""
+def scaled(column: str) -> str:
+    """SQL: a zone_traffic count as the estimated total, per row and rounded (a sampled
+    capture saw sampling_rate of the packets). The traffic view reads raw rows so too,
+    so a row counts the same before and after it is rolled up."""
     return (
         f"CASE WHEN sampling_rate = 1.0 THEN {column}"
         f" ELSE CAST(round({column} / sampling_rate) AS INTEGER) END"
@@ -121,19 +132,20 @@ INTERFACES = _Source(
         ("interval_ms", "interval_ms"),
         ("counter_resets", "counter_reset != 0"),
     ),
-    (("peak_rx_bps", "rx_bps"), ("peak_tx_bps", "tx_bps")),
+    (("peak_rx_bps", "rx_bps"), ("peak_tx_bps", "tx_bps"), ("speed_bps", "speed_bps")),
 )
 ZONES = _Source(
     "zone_traffic",
     "zone_rollups",
     ("agent", "zone"),
     (
-        *((c, _scaled(c)) for c in ("bytes_in", "bytes_out", "packets_in", "packets_out")),
+        *((c, scaled(c)) for c in ("bytes_in", "bytes_out", "packets_in", "packets_out")),
         ("window_ms", "window_ms"),
     ),
     (),
 )
 SOURCES = (INTERFACES, ZONES)
+_TIERS = {MINUTE_MS: "minute", HOUR_MS: "hour"}
 
 
 class _Sql:
@@ -163,12 +175,17 @@ class _Sql:
             f"INSERT INTO {src.rollups} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             f" ON CONFLICT (resolution_ms, {keys}, bucket_ms) DO UPDATE SET {', '.join(updates)}"
         )
-        # The oldest rollup rows of a tier, a bounded batch at a time (by primary key).
+        # The oldest rollup rows of a tier, a bounded batch at a time (by primary key); and
+        # the newest bucket among them (the same whichever of equal buckets the LIMIT takes).
+        oldest = (
+            f" FROM {src.rollups} WHERE resolution_ms = :resolution AND bucket_ms <= :before"
+            " ORDER BY bucket_ms LIMIT :limit"
+        )
         self.prune_rollups = (
             f"DELETE FROM {src.rollups} WHERE (resolution_ms, {keys}, bucket_ms) IN"
-            f" (SELECT resolution_ms, {keys}, bucket_ms FROM {src.rollups}"
-            " WHERE resolution_ms = :resolution AND bucket_ms <= :before ORDER BY bucket_ms LIMIT :limit)"
+            f" (SELECT resolution_ms, {keys}, bucket_ms{oldest})"
         )
+        self.newest_pruned_bucket = f"SELECT max(bucket_ms) FROM (SELECT bucket_ms{oldest})"
         self.key_count = len(src.keys)
         self.sum_count = len(src.sums)
 
@@ -287,12 +304,12 @@ class Maintenance:
         db = self._db
         with _transaction(db):
             found = db.execute(
-                "SELECT agent, seq, first_sample, last_sample FROM batches"
+                "SELECT agent, seq, first_sample, last_sample, last_ms FROM batches"
                 " WHERE first_sample IS NOT NULL AND last_ms < ? AND last_sample <= ?"
                 " ORDER BY last_ms LIMIT ?",
                 (before_ms, self._rolled_id(INTERFACES), budget),
             ).fetchall()
-            taken: list[tuple[int, int, int, int]] = []
+            taken: list[tuple[int, int, int, int, int]] = []
             size = 0
             for batch in found:
                 grown = size + batch[3] - batch[2] + 1
@@ -304,26 +321,30 @@ class Maintenance:
                 return 0, True
             deleted = db.executemany(
                 "DELETE FROM interface_samples WHERE id BETWEEN ? AND ?",
-                [(f, last) for _, _, f, last in taken],
+                [(f, last) for _, _, f, last, _ in taken],
             ).rowcount
             db.executemany(
                 "UPDATE batches SET first_sample = NULL, last_sample = NULL WHERE agent = ? AND seq = ?",
-                [(agent, seq) for agent, seq, _, _ in taken],
+                [(agent, seq) for agent, seq, _, _, _ in taken],
             )
             self._keep_cursor_below_new_ids(INTERFACES)
+            # A batch holds no fact later than its last_ms.
+            self._record_horizon(INTERFACES, "raw", max(batch[4] for batch in taken) + 1)
         counts["pruned_batches"] += len(taken)
         return deleted, len(taken) == len(found) < budget
 
     def _prune_zone_traffic(self, before_ms: int, budget: int) -> tuple[int, bool]:
         db = self._db
+        oldest = " FROM zone_traffic WHERE time_ms < ? AND id <= ? ORDER BY time_ms LIMIT ?"
         with _transaction(db):
-            deleted = db.execute(
-                "DELETE FROM zone_traffic WHERE id IN (SELECT id FROM zone_traffic"
-                " WHERE time_ms < ? AND id <= ? ORDER BY time_ms LIMIT ?)",
-                (before_ms, self._rolled_id(ZONES), budget),
-            ).rowcount
-            if deleted:
-                self._keep_cursor_below_new_ids(ZONES)
+            params = (before_ms, self._rolled_id(ZONES), budget)
+            # The newest of the rows about to go: the same whichever of equal times the LIMIT takes.
+            (newest,) = db.execute(f"SELECT max(time_ms) FROM (SELECT time_ms{oldest})", params).fetchone()
+            if newest is None:
+                return 0, True
+            deleted = db.execute(f"DELETE FROM zone_traffic WHERE id IN (SELECT id{oldest})", params).rowcount
+            self._keep_cursor_below_new_ids(ZONES)
+            self._record_horizon(ZONES, "raw", newest + 1)
         return deleted, deleted < budget
 
     def _prune_flows(self, before_ms: int, budget: int) -> tuple[int, bool]:
@@ -348,12 +369,88 @@ class Maintenance:
 
     def _prune_rollups(self, src: _Source, resolution: int, before_ms: int, budget: int) -> tuple[int, bool]:
         """Delete rollup buckets that ended before before_ms, oldest first."""
+        sql = _SQL[src.table]
+        params = {"resolution": resolution, "before": before_ms - resolution, "limit": budget}
         with _transaction(self._db):
-            deleted = self._db.execute(
-                _SQL[src.table].prune_rollups,
-                {"resolution": resolution, "before": before_ms - resolution, "limit": budget},
-            ).rowcount
+            (newest,) = self._db.execute(sql.newest_pruned_bucket, params).fetchone()
+            if newest is None:
+                return 0, True
+            deleted = self._db.execute(sql.prune_rollups, params).rowcount
+            self._record_horizon(src, _TIERS[resolution], newest + resolution)
         return deleted, deleted < budget
+
+    def _record_horizon(self, src: _Source, tier: str, pruned_before_ms: int) -> None:
+        """Everything of the tier deleted so far lies before pruned_before_ms (it never goes back)."""
+        self._db.execute(
+            "UPDATE retention_horizons SET pruned_before_ms = max(pruned_before_ms, ?)"
+            " WHERE source = ? AND tier = ?",
+            (pruned_before_ms, src.table, tier),
+        )
+
+
+# --- reading across the tiers ------------------------------------------------------------------
+
+RAW = 0  # the resolution_ms of a Span read from the raw rows alone
+
+
+class Span(NamedTuple):
+    """A part [since_ms, until_ms) of a query's range and the tier that answers for it."""
+
+    # RAW: every raw row in it. MINUTE_MS or HOUR_MS: the tier's buckets that start in it, and
+    # the raw rows in it with id > ReadPlan.rolled_id (in no bucket yet). Both bounds are then
+    # multiples of it: a bucket is read whole or not at all.
+    resolution_ms: int
+    since_ms: int
+    until_ms: int
+
+
+class ReadPlan(NamedTuple):
+    """Where to read a range from so that every raw row in it counts once, pruned or not."""
+
+    rolled_id: int  # the source's raw rows with a higher id are in no rollup yet
+    spans: tuple[Span, ...]  # oldest first, none empty; each starts where the one before ended
+
+    @property
+    def resolution_ms(self) -> int:
+        """The coarsest tier read: RAW when the range lies wholly within the raw horizon."""
+        return max((span.resolution_ms for span in self.spans), default=RAW)
+
+
+def read_plan(db: sqlite3.Connection, src: _Source, since_ms: int, until_ms: int) -> ReadPlan:
+    """How to read src's facts in [since_ms, until_ms): raw rows where none were pruned, before
+    that the minute rollups, and where those were pruned too the hour rollups.
+
+    The raw rows from the raw horizon (rounded up to a minute) on, the minute buckets from the
+    minute tier's horizon (rounded up to an hour) on, the hour buckets before that. With nothing
+    pruned there is one RAW span, the range itself: the raw rows, as if there were no rollups.
+    Where rollups are read the range is taken in whole buckets: a bucket counts when it starts
+    in the range, so one that starts before since_ms is left out. Read the plan and the rows
+    in one transaction: the rollups, the cursor and the horizons change together.
+    """
+    table = src.table
+    horizons = dict(
+        db.execute("SELECT tier, pruned_before_ms FROM retention_horizons WHERE source = ?", (table,))
+    )
+    (rolled,) = db.execute(
+        "SELECT rolled_id FROM retention_state WHERE source = ? AND resolution_ms = ?", (table, MINUTE_MS)
+    ).fetchone()
+    hour_split = _round_up(horizons["minute"], HOUR_MS)
+    raw_split = max(_round_up(horizons["raw"], MINUTE_MS), hour_split)
+    since_ms = max(since_ms, 0)  # no fact is older (validation): no span before the epoch
+    spans = (
+        Span(HOUR_MS, _round_up(since_ms, HOUR_MS), min(_round_up(until_ms, HOUR_MS), hour_split)),
+        Span(
+            MINUTE_MS,
+            max(_round_up(since_ms, MINUTE_MS), hour_split),
+            min(_round_up(until_ms, MINUTE_MS), raw_split),
+        ),
+        Span(RAW, max(since_ms, raw_split), until_ms),
+    )
+    return ReadPlan(int(rolled), tuple(span for span in spans if span.since_ms < span.until_ms))
+
+
+def _round_up(time_ms: int, resolution: int) -> int:
+    return -(-time_ms // resolution) * resolution
 
 
 def _fold(groups: Iterable[Sequence[Any]], sql: _Sql, resolution: int) -> list[tuple[Any, ...]]:

@@ -273,6 +273,40 @@ ALTER TABLE agents ADD COLUMN rss_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE agents ADD COLUMN sensors TEXT NOT NULL DEFAULT '{}';
 """
 
+READS = """
+-- Reading across the tiers (store/retention.py, read_plan): how far pruning has gone, per raw table
+-- and tier. Every raw row deleted so far had time_ms < pruned_before_ms; every rollup bucket deleted
+-- so far ended at or before it. Readers take raw rows from there on, and before it the next tier.
+-- A database pruned before this step did not record it: the values here are bounds that hold
+-- whatever its policy was (raw_hours and minute_days are at least 1, so nothing younger than
+-- an hour, or a day, was deleted; and nothing newer than the newest hour bucket was ever rolled
+-- up, the only rows pruning deletes). They cost resolution for a while, never a row.
+CREATE TABLE retention_horizons (
+    source TEXT NOT NULL CHECK (source IN ('interface_samples', 'zone_traffic')),
+    tier TEXT NOT NULL CHECK (tier IN ('raw', 'minute', 'hour')),
+    pruned_before_ms INTEGER NOT NULL,
+    PRIMARY KEY (source, tier)
+) WITHOUT ROWID;
+INSERT INTO retention_horizons (source, tier, pruned_before_ms)
+SELECT source, tier, coalesce(min(newest_hour + 3600000, now_ms - youngest_deleted), 0)
+FROM (
+    SELECT 'interface_samples' AS source,
+        (SELECT max(bucket_ms) FROM interface_rollups WHERE resolution_ms = 3600000) AS newest_hour
+    UNION ALL
+    SELECT 'zone_traffic', (SELECT max(bucket_ms) FROM zone_rollups WHERE resolution_ms = 3600000)
+)
+CROSS JOIN (
+    SELECT 'raw' AS tier, 3600000 AS youngest_deleted
+    UNION ALL SELECT 'minute', 86400000
+    UNION ALL SELECT 'hour', 86400000
+)
+CROSS JOIN (SELECT CAST(strftime('%s', 'now') AS INTEGER) * 1000 AS now_ms);
+-- The link speed of an interface bucket: the highest its samples reported, 0 when none knew it
+-- (as in interface_samples), so utilization can be read from the rollups. Buckets rolled up
+-- before this step do not know it.
+ALTER TABLE interface_rollups ADD COLUMN speed_bps INTEGER NOT NULL DEFAULT 0;
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
@@ -280,6 +314,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("rollups: per-minute and per-hour sums, retention state, zone traffic ids", ROLLUPS),
     ("flows", FLOWS),
     ("agent health on the agents row", AGENT_HEALTH),
+    ("reading the rollups: how far pruning has gone, link speed in interface rollups", READS),
 ]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,18 +97,6 @@ def rejected(
         "must be a finite number, got nan",
         "ipv4:10.0.0.7:50000",
     )
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "collector.db"
-
-
-@pytest.fixture
-def db(path: Path) -> Iterator[sqlite3.Connection]:
-    con = open_database(path)
-    yield con
-    con.close()
 
 
 @pytest.fixture
