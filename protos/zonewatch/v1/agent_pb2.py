@@ -25,39 +25,45 @@ _sym_db = _symbol_database.Default()
 from protos.zonewatch.v1 import facts_pb2 as protos_dot_zonewatch_dot_v1_dot_facts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/zonewatch/v1/agent.proto\x12\x0czonewatch.v1\x1a\x1fprotos/zonewatch/v1/facts.proto\"L\n\nHostLabels\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x0e\n\x06\x63ounty\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\x95\x01\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12(\n\x06labels\x18\x04 \x01(\x0b\x32\x18.zonewatch.v1.HostLabels\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0f\n\x07time_ms\x18\x06 \x01(\x03\"H\n\x05\x42\x61tch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07sent_ms\x18\x02 \x01(\x03\x12!\n\x05\x66\x61\x63ts\x18\x03 \x03(\x0b\x32\x12.zonewatch.v1.Fact\"c\n\rReportRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.zonewatch.v1.HelloH\x00\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.zonewatch.v1.BatchH\x00\x42\x06\n\x04\x62ody\"L\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"C\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\"F\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x92\x01\n\x0eReportResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.zonewatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.zonewatch.v1.AckH\x00\x12,\n\trejection\x18\x03 \x01(\x0b\x32\x17.zonewatch.v1.RejectionH\x00\x42\x06\n\x04\x62ody\"=\n\x10GetPolicyRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"n\n\x04Zone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\x12\r\n\x05\x63idrs\x18\x05 \x03(\t\x12\x14\n\x0c\x63\x61pacity_bps\x18\x06 \x01(\x04\"6\n\tZoneRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x0c\x12\x0c\n\x04zone\x18\x03 \x01(\r\"\xd2\x01\n\x06Policy\x12\x19\n\x11sample_interval_s\x18\x01 \x01(\r\x12\x12\n\ninterfaces\x18\x02 \x03(\t\x12\x17\n\x0f\x62\x61tch_max_facts\x18\x03 \x01(\r\x12\x18\n\x10policy_refresh_s\x18\x04 \x01(\r\x12!\n\x05zones\x18\x05 \x03(\x0b\x32\x12.zonewatch.v1.Zone\x12,\n\x0bzone_ranges\x18\x06 \x03(\x0b\x32\x17.zonewatch.v1.ZoneRange\x12\x15\n\rzones_version\x18\x07 \x01(\t\"]\n\x11GetPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12$\n\x06policy\x18\x03 \x01(\x0b\x32\x14.zonewatch.v1.Policy2\xa5\x01\n\x0c\x41gentService\x12G\n\x06Report\x12\x1b.zonewatch.v1.ReportRequest\x1a\x1c.zonewatch.v1.ReportResponse(\x01\x30\x01\x12L\n\tGetPolicy\x12\x1e.zonewatch.v1.GetPolicyRequest\x1a\x1f.zonewatch.v1.GetPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/zonewatch/v1/agent.proto\x12\x0czonewatch.v1\x1a\x1fprotos/zonewatch/v1/facts.proto\"l\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x12\n\nmachine_id\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\t\"\x8b\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x14\n\x0cnot_after_ms\x18\x04 \x01(\x03\x12(\n\x06labels\x18\x05 \x01(\x0b\x32\x18.zonewatch.v1.HostLabels\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"L\n\nHostLabels\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x0e\n\x06\x63ounty\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\x95\x01\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12(\n\x06labels\x18\x04 \x01(\x0b\x32\x18.zonewatch.v1.HostLabels\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0f\n\x07time_ms\x18\x06 \x01(\x03\"H\n\x05\x42\x61tch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07sent_ms\x18\x02 \x01(\x03\x12!\n\x05\x66\x61\x63ts\x18\x03 \x03(\x0b\x32\x12.zonewatch.v1.Fact\"c\n\rReportRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.zonewatch.v1.HelloH\x00\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.zonewatch.v1.BatchH\x00\x42\x06\n\x04\x62ody\"L\n\x07Welcome\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"C\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\"F\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x92\x01\n\x0eReportResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.zonewatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.zonewatch.v1.AckH\x00\x12,\n\trejection\x18\x03 \x01(\x0b\x32\x17.zonewatch.v1.RejectionH\x00\x42\x06\n\x04\x62ody\"=\n\x10GetPolicyRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"n\n\x04Zone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\x12\r\n\x05\x63idrs\x18\x05 \x03(\t\x12\x14\n\x0c\x63\x61pacity_bps\x18\x06 \x01(\x04\"6\n\tZoneRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x0c\x12\x0c\n\x04zone\x18\x03 \x01(\r\"\xd2\x01\n\x06Policy\x12\x19\n\x11sample_interval_s\x18\x01 \x01(\r\x12\x12\n\ninterfaces\x18\x02 \x03(\t\x12\x17\n\x0f\x62\x61tch_max_facts\x18\x03 \x01(\r\x12\x18\n\x10policy_refresh_s\x18\x04 \x01(\r\x12!\n\x05zones\x18\x05 \x03(\x0b\x32\x12.zonewatch.v1.Zone\x12,\n\x0bzone_ranges\x18\x06 \x03(\x0b\x32\x17.zonewatch.v1.ZoneRange\x12\x15\n\rzones_version\x18\x07 \x01(\t\"]\n\x11GetPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12$\n\x06policy\x18\x03 \x01(\x0b\x32\x14.zonewatch.v1.Policy2\xad\x02\n\x0c\x41gentService\x12G\n\x06Report\x12\x1b.zonewatch.v1.ReportRequest\x1a\x1c.zonewatch.v1.ReportResponse(\x01\x30\x01\x12L\n\tGetPolicy\x12\x1e.zonewatch.v1.GetPolicyRequest\x1a\x1f.zonewatch.v1.GetPolicyResponse\x12\x43\n\x06\x45nroll\x12\x1b.zonewatch.v1.EnrollRequest\x1a\x1c.zonewatch.v1.EnrollResponse\x12\x41\n\x05Renew\x12\x1a.zonewatch.v1.RenewRequest\x1a\x1c.zonewatch.v1.EnrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.zonewatch.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOSTLABELS']._serialized_start=82
-  _globals['_HOSTLABELS']._serialized_end=158
-  _globals['_HELLO']._serialized_start=161
-  _globals['_HELLO']._serialized_end=310
-  _globals['_BATCH']._serialized_start=312
-  _globals['_BATCH']._serialized_end=384
-  _globals['_REPORTREQUEST']._serialized_start=386
-  _globals['_REPORTREQUEST']._serialized_end=485
-  _globals['_WELCOME']._serialized_start=487
-  _globals['_WELCOME']._serialized_end=563
-  _globals['_ACK']._serialized_start=565
-  _globals['_ACK']._serialized_end=632
-  _globals['_REJECTION']._serialized_start=634
-  _globals['_REJECTION']._serialized_end=704
-  _globals['_REPORTRESPONSE']._serialized_start=707
-  _globals['_REPORTRESPONSE']._serialized_end=853
-  _globals['_GETPOLICYREQUEST']._serialized_start=855
-  _globals['_GETPOLICYREQUEST']._serialized_end=916
-  _globals['_ZONE']._serialized_start=918
-  _globals['_ZONE']._serialized_end=1028
-  _globals['_ZONERANGE']._serialized_start=1030
-  _globals['_ZONERANGE']._serialized_end=1084
-  _globals['_POLICY']._serialized_start=1087
-  _globals['_POLICY']._serialized_end=1297
-  _globals['_GETPOLICYRESPONSE']._serialized_start=1299
-  _globals['_GETPOLICYRESPONSE']._serialized_end=1392
-  _globals['_AGENTSERVICE']._serialized_start=1395
-  _globals['_AGENTSERVICE']._serialized_end=1560
+  _globals['_ENROLLREQUEST']._serialized_start=82
+  _globals['_ENROLLREQUEST']._serialized_end=190
+  _globals['_ENROLLRESPONSE']._serialized_start=193
+  _globals['_ENROLLRESPONSE']._serialized_end=332
+  _globals['_RENEWREQUEST']._serialized_start=334
+  _globals['_RENEWREQUEST']._serialized_end=365
+  _globals['_HOSTLABELS']._serialized_start=367
+  _globals['_HOSTLABELS']._serialized_end=443
+  _globals['_HELLO']._serialized_start=446
+  _globals['_HELLO']._serialized_end=595
+  _globals['_BATCH']._serialized_start=597
+  _globals['_BATCH']._serialized_end=669
+  _globals['_REPORTREQUEST']._serialized_start=671
+  _globals['_REPORTREQUEST']._serialized_end=770
+  _globals['_WELCOME']._serialized_start=772
+  _globals['_WELCOME']._serialized_end=848
+  _globals['_ACK']._serialized_start=850
+  _globals['_ACK']._serialized_end=917
+  _globals['_REJECTION']._serialized_start=919
+  _globals['_REJECTION']._serialized_end=989
+  _globals['_REPORTRESPONSE']._serialized_start=992
+  _globals['_REPORTRESPONSE']._serialized_end=1138
+  _globals['_GETPOLICYREQUEST']._serialized_start=1140
+  _globals['_GETPOLICYREQUEST']._serialized_end=1201
+  _globals['_ZONE']._serialized_start=1203
+  _globals['_ZONE']._serialized_end=1313
+  _globals['_ZONERANGE']._serialized_start=1315
+  _globals['_ZONERANGE']._serialized_end=1369
+  _globals['_POLICY']._serialized_start=1372
+  _globals['_POLICY']._serialized_end=1582
+  _globals['_GETPOLICYRESPONSE']._serialized_start=1584
+  _globals['_GETPOLICYRESPONSE']._serialized_end=1677
+  _globals['_AGENTSERVICE']._serialized_start=1680
+  _globals['_AGENTSERVICE']._serialized_end=1981
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,16 @@ class AgentServiceStub:
                 request_serializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.GetPolicyResponse.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/zonewatch.v1.AgentService/Enroll',
+                request_serializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/zonewatch.v1.AgentService/Renew',
+                request_serializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
+                response_deserializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -66,6 +76,22 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enroll(self, request, context):
+        """The one call allowed without a client certificate: an enrollment token and a
+        certificate signing request for a key the agent made on its host buy a client
+        certificate. The agent id is derived by the collector from the public key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Over mTLS, before the certificate expires: the same key, a fresh certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +104,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetPolicy,
                     request_deserializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.GetPolicyRequest.FromString,
                     response_serializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollRequest.FromString,
+                    response_serializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.RenewRequest.FromString,
+                    response_serializer=protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +170,60 @@ class AgentService:
             '/zonewatch.v1.AgentService/GetPolicy',
             protos_dot_zonewatch_dot_v1_dot_agent__pb2.GetPolicyRequest.SerializeToString,
             protos_dot_zonewatch_dot_v1_dot_agent__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zonewatch.v1.AgentService/Enroll',
+            protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+            protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zonewatch.v1.AgentService/Renew',
+            protos_dot_zonewatch_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
+            protos_dot_zonewatch_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,
