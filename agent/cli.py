@@ -9,18 +9,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG, load_config
-from agent.errors import AgentError
+from agent.config import DEFAULT_CONFIG, AgentConfig, load_config
+from agent.credentials import Credentials, is_enrolled, load_credentials, read_enrollment
+from agent.errors import AgentError, CredentialsError, NotEnrolledError
 from agent.sensors.interfaces import InterfaceSampler
 from agent.wire import batch_request, hello_request, to_json
 
 EXAMPLES = """\
 examples:
+  zonewatch-agent enroll --collector 10.0.0.5:7390 --token zwt_… --ca-fingerprint SHA256:9f86…
+  zonewatch-agent run                              report to the collector it enrolled with
   zonewatch-agent once --json                      print one report, send nothing
-  zonewatch-agent run --collector 10.0.0.5:7390 --department 市公安局 --county 高新区
+  zonewatch-agent run --insecure --collector 127.0.0.1:7390 --department 市公安局   (lab, no TLS)
   zonewatch-agent status --state-dir /var/lib/zonewatch-agent
 """
 
@@ -29,11 +31,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, help=f"TOML config file (default: {DEFAULT_CONFIG} if present)"
     )
-    parser.add_argument("--collector", help="collector HOST:PORT (default 127.0.0.1:7390)")
     parser.add_argument(
-        "--state-dir",
-        type=Path,
-        help="where the agent keeps its id and spool (default /var/lib/zonewatch-agent)",
+        "--collector",
+        help="collector HOST:PORT (default: the one it enrolled with, else 127.0.0.1:7390)",
+    )
+    _state_dir(parser)
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plaintext gRPC and a random agent id, for a lab collector without TLS"
+        " (config: insecure = true)",
     )
     parser.add_argument(
         "--interval",
@@ -54,6 +62,53 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
 
 
+def _state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where the agent keeps its key, certificate and spool (default /var/lib/zonewatch-agent)",
+    )
+
+
+def _enroll_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help=f"TOML config file (default: {DEFAULT_CONFIG} if present)"
+    )
+    parser.add_argument(
+        "--collector",
+        required=True,
+        help="the collector's address HOST:PORT (its mTLS port; recorded for `run`)",
+    )
+    parser.add_argument(
+        "--token", required=True, help="one-time enrollment token from `zonewatch-collector tokens create`"
+    )
+    parser.add_argument(
+        "--ca-fingerprint",
+        required=True,
+        help="SHA-256 fingerprint of the collector's CA, as `zonewatch-collector init` printed it",
+    )
+    parser.add_argument(
+        "--enroll-port",
+        type=int,
+        default=0,
+        help="the collector's enrollment port (default: the --collector port + 1)",
+    )
+    _state_dir(parser)
+    parser.add_argument("--hostname", help="hostname to enroll as (default: this host's)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing enrollment: a new key and identity (the spool is kept)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the collector at each step (default 30)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zonewatch-agent",
@@ -63,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"zonewatch-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    enroll = sub.add_parser(
+        "enroll",
+        help="get this agent's certificate from the collector with a one-time token",
+        description="Check the collector's CA against --ca-fingerprint, make this host's key, and "
+        "trade the token for a client certificate. Stores tls/agent.key (0600), tls/agent.crt, "
+        "tls/ca.crt and enrollment.json in the state directory.",
+    )
+    _enroll_arguments(enroll)
     run = sub.add_parser(
         "run",
         help="sample and report to the collector until stopped (SIGTERM/Ctrl-C)",
@@ -82,14 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser(
         "status",
-        help="show the agent's id and spool backlog",
-        description="Read the state directory: agent id, spooled batches, dropped facts.",
+        help="show enrollment, agent id, certificate expiry and spool backlog",
+        description="Read the state directory: enrolled or not, agent id, collector, labels, "
+        "certificate expiry, spooled batches, dropped facts. Contacts nothing.",
     )
     _common(status)
     return parser
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> AgentConfig:
     overrides = {
         key: getattr(args, key, None)
         for key in (
@@ -101,11 +165,64 @@ def _config(args: argparse.Namespace) -> Any:
             "site",
             "role",
             "hostname",
+            "insecure",
         )
     }
     if getattr(args, "interfaces", None):
         overrides["interfaces"] = tuple(args.interfaces)
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, collector_default=_enrolled_collector)
+
+
+def _enrolled_collector(config: AgentConfig) -> str | None:
+    if config.insecure:
+        return None
+    try:
+        enrollment = read_enrollment(config.state_dir)
+    except CredentialsError:
+        return None  # run and status report the damage themselves
+    return enrollment.collector if enrollment is not None else None
+
+
+def _credentials(config: AgentConfig) -> Credentials | None:
+    """The enrolled identity; None when insecure; NotEnrolledError (with the fix) when neither."""
+    return None if config.insecure else load_credentials(config.state_dir)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import EnrollOptions, enroll  # cryptography: only for this command
+    from agent.renewal import format_ms, renewal_due_ms
+
+    config = load_config(args.config, {"state_dir": args.state_dir, "hostname": args.hostname})
+    result = enroll(
+        EnrollOptions(
+            collector=args.collector,
+            token=args.token,
+            ca_fingerprint=args.ca_fingerprint,
+            state_dir=config.state_dir,
+            hostname=config.hostname,
+            enroll_port=args.enroll_port,
+            force=args.force,
+            timeout_s=args.timeout,
+        )
+    )
+    e = result.enrollment
+    due = renewal_due_ms(result.not_before_ms, e.not_after_ms, 0.0)
+    print(f"enrolled as agent {e.agent_id}")
+    print(f"collector       {e.collector} (enrollment port {e.enroll_port})")
+    print(f"labels          {_labels(e.labels)}")
+    print(f"certificate     valid until {format_ms(e.not_after_ms)}", end="")
+    print(f"; renewed automatically from about {format_ms(due)}")
+    paths = result.paths
+    print(f"stored in       {paths.tls_dir}/ (agent.key 0600, agent.crt, ca.crt), {paths.enrollment}")
+    if result.kept_spool:
+        print("spool           kept: undelivered batches go out under the new identity;", end="")
+        print(" sequence numbers continue")
+    return 0
+
+
+def _labels(labels: dict[str, str]) -> str:
+    shown = " ".join(f"{name}={value}" for name, value in labels.items() if value)
+    return shown or "(none)"
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -116,12 +233,19 @@ def cmd_once(args: argparse.Namespace) -> int:
     time.sleep(interval)
     samples = sampler.sample()
     now = time.time_ns() // 1_000_000
-    hello = hello_request("(assigned at first run)", config.hostname, __version__, config.labels, "", now)
+    agent_id, labels = "(assigned at first run)", config.labels
+    if not config.insecure:
+        try:
+            credentials = load_credentials(config.state_dir)
+            agent_id, labels = credentials.agent_id, credentials.labels
+        except NotEnrolledError:
+            agent_id = "(not enrolled)"
+    hello = hello_request(agent_id, config.hostname, __version__, labels, "", now)
     batch = batch_request(1, now, now, samples)
     if args.json:
         print('{"hello": ' + to_json(hello.hello) + ',\n "batch": ' + to_json(batch.batch) + "}")
         return 0
-    print(f"host {config.hostname}  labels {config.labels}")
+    print(f"host {config.hostname}  agent {agent_id}  labels {labels}")
     print(
         f"{'interface':<16}{'rx bit/s':>14}{'tx bit/s':>14}{'rx pkts':>10}{'tx pkts':>10}{'errs':>6}"
         f"{'drops':>7}{'speed':>12}{'util':>8}"
@@ -140,7 +264,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runner import Agent  # heavier imports only where needed
 
     config = _config(args)
-    agent = Agent(config)
+    credentials = _credentials(config)
+    if credentials is None:
+        logging.getLogger("agent").warning(
+            "insecure: plaintext gRPC to %s, random agent id, nothing verified (for a lab collector only)",
+            config.collector,
+        )
+    agent = Agent(config, credentials=credentials)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -154,21 +284,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.identity import load_or_create_agent_id
+    from agent.identity import read_agent_id
+    from agent.renewal import certificate_status, format_ms, renewal_due_ms
     from agent.spool import Spool
 
     config = _config(args)
-    if not config.spool_path.exists():
-        raise AgentError(f"no agent state in {config.state_dir} (has the agent run here?)")
-    agent_id = load_or_create_agent_id(config.state_dir)
-    with Spool(config.spool_path, max_bytes=config.spool_max_bytes) as spool:
-        s = spool.stats()
-    print(f"agent id        {agent_id}")
+    if not config.spool_path.exists() and (config.insecure or not is_enrolled(config.state_dir)):
+        raise AgentError(
+            f"no agent state in {config.state_dir} (not enrolled, and the agent has not run here)"
+        )
+    healthy = True
+    if config.insecure:
+        print("enrolled        insecure mode: plaintext, random id")
+        print(f"agent id        {read_agent_id(config.state_dir) or '(assigned at first run)'}")
+        print(f"labels          {_labels(config.labels)}")
+    else:
+        try:
+            credentials = load_credentials(config.state_dir)
+        except CredentialsError as exc:
+            healthy = False
+            print(f"enrolled        no: {exc}")
+            insecure_id = read_agent_id(config.state_dir)
+            if insecure_id:
+                print(f"agent id        {insecure_id} (the random id of an earlier insecure run)")
+        else:
+            e = credentials.enrollment
+            renewed = f", renewed {format_ms(e.renewed_ms)}" if e.renewed_ms else ""
+            print(f"enrolled        yes, {format_ms(e.enrolled_ms)}{renewed}")
+            print(f"agent id        {credentials.agent_id}")
+            print(f"labels          {_labels(credentials.labels)}")
+            cert = credentials.certificate
+            # No spread: "renewal from" is the earliest the agent may renew.
+            due = renewal_due_ms(cert.not_before_ms, cert.not_after_ms, 0.0)
+            state = certificate_status(cert.not_after_ms, due, time.time_ns() // 1_000_000)
+            print(f"certificate     {state} (serial {cert.serial:x})")
+            healthy = not state.startswith("expired")
     print(f"collector       {config.collector}")
-    print(f"spooled         {s.batches} batches, {s.bytes} bytes (seq {s.oldest_seq}..{s.newest_seq})")
-    print(f"next seq        {s.next_seq}")
-    print(f"dropped (total) {s.dropped_batches_total} batches, {s.dropped_facts_total} facts")
-    return 0
+    if config.spool_path.exists():
+        with Spool(config.spool_path, max_bytes=config.spool_max_bytes) as spool:
+            s = spool.stats()
+        print(f"spooled         {s.batches} batches, {s.bytes} bytes (seq {s.oldest_seq}..{s.newest_seq})")
+        print(f"next seq        {s.next_seq}")
+        print(f"dropped (total) {s.dropped_batches_total} batches, {s.dropped_facts_total} facts")
+    else:
+        print("spooled         nothing yet (the agent has not run here)")
+    return 0 if healthy else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    handlers = {"once": cmd_once, "run": cmd_run, "status": cmd_status}
+    handlers = {"enroll": cmd_enroll, "once": cmd_once, "run": cmd_run, "status": cmd_status}
     try:
         return handlers[args.command](args)
     except AgentError as exc:

@@ -2,14 +2,15 @@
 
 Only the CLI calls load_config; nothing else reads files or the environment.
 Precedence: flag > file > default. Interval and interfaces are defaults until
-the collector's policy arrives: the collector owns policy.
+the collector's policy arrives: the collector owns policy. An enrolled agent's
+collector address defaults to the one it enrolled with (``collector_default``).
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ class AgentConfig:
     window: int = 32
     # A stream whose oldest unacked batch waits longer than this is torn down and retried.
     ack_timeout_s: float = 30.0
+    # Plaintext gRPC and a random agent id kept in the state directory: for a lab collector
+    # without TLS only. Otherwise the agent runs only once enrolled (mTLS, id = its key).
+    insecure: bool = False
 
     @property
     def spool_path(self) -> Path:
@@ -73,11 +77,20 @@ _FILE_KEYS = {
     "flows": bool,
     "flow_idle_timeout": (int, float),
     "flow_active_timeout": (int, float),
+    "insecure": bool,
 }
 
 
-def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
-    """Build the config from `path` (if given, or the default file if it exists) and flag overrides."""
+def load_config(
+    path: Path | None,
+    overrides: Mapping[str, Any],
+    collector_default: Callable[[AgentConfig], str | None] | None = None,
+) -> AgentConfig:
+    """Build the config from `path` (if given, or the default file if it exists) and flag overrides.
+
+    When neither names the collector, ``collector_default`` (given the config so far) may supply one,
+    e.g. the address recorded at enrollment; else it is DEFAULT_COLLECTOR.
+    """
     values: dict[str, Any] = {}
     if path is not None or DEFAULT_CONFIG.exists():
         values = _read_file(path or DEFAULT_CONFIG)
@@ -88,6 +101,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     config = replace(config, **values)
+    if "collector" not in values and collector_default is not None:
+        config = replace(config, collector=collector_default(config) or DEFAULT_COLLECTOR)
     if config.zone_accounting not in ZONE_ACCOUNTING:
         raise ConfigError(
             f"zone_accounting must be one of {', '.join(ZONE_ACCOUNTING)}, got {config.zone_accounting!r}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import _ssl
 import hashlib
-import os
 import re
 import socket
 import ssl
@@ -30,14 +29,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from agent.errors import AgentError
+from agent.atomicfile import write_atomic
+from agent.errors import EnrollError
 
 _HEX_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _COLON_FINGERPRINT = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){31}")
 
-
-class EnrollError(AgentError):
-    """The agent's key, its certificate request or the collector's CA cannot be used."""
+__all__ = [
+    "EnrollError",
+    "agent_id_of",
+    "check_ca",
+    "create_key",
+    "fetch_presented_chain",
+    "load_key",
+    "make_csr",
+    "parse_fingerprint",
+]
 
 
 def create_key(path: Path, *, overwrite: bool = False) -> ec.EllipticCurvePrivateKey:
@@ -181,20 +188,7 @@ def _der(cert: Any) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fd, mode)  # exact mode whatever the umask
-            fh.write(data)
-            fh.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, data, mode)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EnrollError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -25,3 +25,15 @@ class TransportError(AgentError):
 
 class SensorError(AgentError):
     """A sensor cannot read what it measures from the OS."""
+
+
+class EnrollError(AgentError):
+    """The agent's key, its certificate request, the collector's CA or the Enroll call failed."""
+
+
+class CredentialsError(AgentError):
+    """The enrolled identity in the state directory is missing, unreadable or inconsistent."""
+
+
+class NotEnrolledError(CredentialsError):
+    """The state directory holds no certificate: the agent must enroll (or run insecure)."""

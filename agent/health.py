@@ -15,6 +15,9 @@ class Health(NamedTuple):
     policy_version: str
     # sensor -> "on", "off: <why>", ...: an admin sees at once what this host does not report.
     sensors: dict[str, str]
+    # Packets the capture received (dropped ones included) and dropped, since the agent started.
+    capture_packets: int = 0
+    capture_drops: int = 0
 
 
 class SelfMonitor:

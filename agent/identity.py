@@ -1,7 +1,7 @@
-"""The agent's identity, kept in its state directory so it survives restarts.
+"""The insecure agent's identity: a random id kept in its state directory so it survives restarts.
 
-Until certificate enrollment exists this is a random id created on first start;
-enrollment will derive it from the agent's public key instead.
+Only for ``insecure`` mode (a lab collector without TLS). An enrolled agent's id is derived from
+its public key and read from its certificate (:mod:`agent.credentials`); this file plays no part.
 """
 
 from __future__ import annotations
@@ -11,6 +11,14 @@ import secrets
 from pathlib import Path
 
 from agent.errors import AgentError
+
+
+def read_agent_id(state_dir: Path) -> str | None:
+    """The insecure id if one was made, without making one."""
+    try:
+        return (state_dir / "agent_id").read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def load_or_create_agent_id(state_dir: Path) -> str:

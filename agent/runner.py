@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,11 +14,13 @@ import psutil
 
 from agent import __version__
 from agent.aggregate.flowwatch import FlowMonitor
-from agent.config import AgentConfig
+from agent.config import DEFAULT_COLLECTOR, AgentConfig
+from agent.credentials import Credentials
 from agent.errors import AgentError, SensorError, TransportError
 from agent.health import Health, SelfMonitor
 from agent.identity import load_or_create_agent_id
 from agent.policy import PolicyUpdate
+from agent.renewal import Renewal
 from agent.sensors.accounting import NftAccountant, ZoneDelta, ZoneTrafficSampler
 from agent.sensors.interfaces import InterfaceSample, InterfaceSampler
 from agent.spool import Spool
@@ -33,17 +36,29 @@ def wall_ms() -> int:
 
 
 class Agent:
+    """One agent. With ``credentials`` (enrolled) it reports over mTLS as the agent its certificate
+    names, with the enrolled labels, and keeps the certificate renewed; without, it runs insecure:
+    plaintext, a random id kept in the state directory, the configured labels."""
+
     def __init__(
         self,
         config: AgentConfig,
         *,
+        credentials: Credentials | None = None,
         sampler: InterfaceSampler | None = None,
         accountant: NftAccountant | None = None,
         flow_monitor: Callable[..., FlowMonitor] = FlowMonitor,
         clock_ms: Callable[[], int] = wall_ms,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
-        self.agent_id = load_or_create_agent_id(config.state_dir)
+        if credentials is None:
+            self.agent_id = load_or_create_agent_id(config.state_dir)
+            self.labels = config.labels
+        else:
+            self.agent_id = credentials.agent_id
+            # The collector takes labels from the enrollment, whatever the hello says: send those.
+            self.labels = {name: credentials.labels.get(name, "") for name in config.labels}
         self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes, clock_ms=clock_ms)
         self._sampler = sampler or InterfaceSampler(include=config.interfaces)
         self._clock_ms = clock_ms
@@ -67,12 +82,24 @@ class Agent:
         self._zone_map = ZoneMap()
         self.sensors["flows"] = "starting" if config.flows else "off: disabled in the agent's configuration"
         self.transport = Transport(
-            config.collector,
+            config.collector or DEFAULT_COLLECTOR,
             self.spool,
             self._hello,
             window=config.window,
             ack_timeout_s=config.ack_timeout_s,
+            tls=credentials.tls if credentials is not None else None,
         )
+        self.renewal: Renewal | None = None
+        if credentials is not None:
+            self.renewal = Renewal(
+                config.state_dir,
+                credentials,
+                self.transport,
+                hostname=config.hostname,
+                clock_ms=clock_ms,
+                rand=rand,
+            )
+            self.sensors["certificate"] = self.renewal.status()
 
     @property
     def policy_version(self) -> str:
@@ -82,7 +109,7 @@ class Agent:
     def _hello(self) -> bytes:
         c = self.config
         request = hello_request(
-            self.agent_id, c.hostname, __version__, c.labels, self.policy_version, self._clock_ms()
+            self.agent_id, c.hostname, __version__, self.labels, self.policy_version, self._clock_ms()
         )
         return request.SerializeToString()
 
@@ -118,9 +145,14 @@ class Agent:
         return deltas
 
     def _health(self) -> Health:
+        if self.renewal is not None:
+            self.sensors["certificate"] = self.renewal.status()
         cpu, rss = self._monitor.cpu_and_rss()
         spool = self.spool.stats()
-        return Health(cpu, rss, spool.bytes, spool.batches, self.policy_version, dict(self.sensors))
+        packets, drops = self.flows.capture_totals() if self.flows is not None else (0, 0)
+        return Health(
+            cpu, rss, spool.bytes, spool.batches, self.policy_version, dict(self.sensors), packets, drops
+        )
 
     def spool_batch(self, samples: list[InterfaceSample], extra: list[Any], time_ms: int) -> int:
         """Put one batch (and any unreported spool loss) into the spool; return its seq."""
@@ -138,7 +170,11 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info(
-            "agent %s reporting to %s every %.1f s", self.agent_id, self.config.collector, self.interval_s
+            "agent %s reporting to %s (%s) every %.1f s",
+            self.agent_id,
+            self.config.collector or DEFAULT_COLLECTOR,
+            "mTLS" if self.transport.secure else "insecure: plaintext, identity not verified",
+            self.interval_s,
         )
         if self.config.flows or self.config.zone_accounting == "capture":
             self.start_flows()
@@ -147,6 +183,8 @@ class Agent:
             asyncio.create_task(self.transport.run(stop), name="transport"),
             asyncio.create_task(self._policy_loop(stop), name="policy"),
         ]
+        if self.renewal is not None:
+            tasks.append(asyncio.create_task(self._renewal_loop(self.renewal), name="renewal"))
         try:
             await stop.wait()
         finally:
@@ -205,6 +243,17 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 # (stop needs no watching here: run() cancels this task when it is set)
                 await asyncio.wait_for(self.transport.policy_changed.wait(), self._policy_refresh_s)
+
+    async def _renewal_loop(self, renewal: Renewal) -> None:
+        # (run() cancels this task when stop is set)
+        while True:
+            try:
+                await renewal.check()
+            except Exception:
+                # check() reports its own failures; anything else must not end renewal for good.
+                log.exception("certificate check failed; trying again at the next check")
+            self.sensors["certificate"] = renewal.status()
+            await asyncio.sleep(renewal.next_check_s())
 
     def apply_policy(self, update: PolicyUpdate) -> None:
         """Take a new policy without restart; the next hello reports its version."""

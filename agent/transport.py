@@ -7,6 +7,11 @@ deletes what it covers from the spool; a rejection discards that one batch (an
 invalid batch would be refused forever) and is logged. Any failure ends the
 stream; the next one starts after a jittered, bounded backoff and resends
 whatever is still spooled.
+
+With TLS credentials (an enrolled agent) the channel is mTLS: the collector is verified against
+the pinned CA under its fixed name, and our certificate is our identity. A renewed certificate
+takes effect by ending the current stream, closing the channel and opening a new one: unacked
+batches stay in the spool and go out again on the new connection.
 """
 
 from __future__ import annotations
@@ -20,10 +25,20 @@ from collections.abc import Callable
 import grpc
 
 from agent.backoff import Backoff
+from agent.credentials import IssuedCertificate, TlsCredentials
 from agent.errors import TransportError
 from agent.policy import PolicyUpdate
 from agent.spool import Spool
-from agent.wire import POLICY_METHOD, REPORT_METHOD, parse_response, policy_update, renumber_payload
+from agent.wire import (
+    POLICY_METHOD,
+    RENEW_METHOD,
+    REPORT_METHOD,
+    parse_issued,
+    parse_response,
+    policy_update,
+    renew_request,
+    renumber_payload,
+)
 from protos.zonewatch.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -40,6 +55,18 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
+# Every collector certificate names this, whatever address agents use to reach it; the CA is
+# ours alone, so the name only has to be the same everywhere.
+COLLECTOR_TLS_NAME = "zonewatch-collector"
+TLS_OPTIONS = [("grpc.ssl_target_name_override", COLLECTOR_TLS_NAME)]
+
+
+class RenewError(TransportError):
+    """The collector did not renew our certificate; ``code`` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TransportStats:
@@ -64,8 +91,12 @@ class Transport:
         stream_max_s: float = 600.0,
         backoff: Backoff | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        tls: TlsCredentials | None = None,
     ) -> None:
         self._target = target
+        self._tls = tls  # None: plaintext (a lab collector, or --insecure)
+        self._new_tls: TlsCredentials | None = None
+        self._reconnect = asyncio.Event()
         self._spool = spool
         self._hello = hello
         self._window = window
@@ -84,10 +115,41 @@ class Transport:
         """New batches are in the spool."""
         self._wake.set()
 
+    @property
+    def secure(self) -> bool:
+        return self._tls is not None
+
+    def use_tls(self, tls: TlsCredentials) -> None:
+        """Connect with these credentials from the next stream on; end the current one now."""
+        self._new_tls = tls
+        self._reconnect.set()
+        self._wake.set()
+
     def _open_channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._target, options=CHANNEL_OPTIONS)
+            if self._tls is None:
+                self._channel = grpc.aio.insecure_channel(self._target, options=CHANNEL_OPTIONS)
+            else:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=self._tls.ca_pem,
+                    private_key=self._tls.key_pem,
+                    certificate_chain=self._tls.cert_pem,
+                )
+                self._channel = grpc.aio.secure_channel(
+                    self._target, credentials, options=CHANNEL_OPTIONS + TLS_OPTIONS
+                )
         return self._channel
+
+    async def _take_new_credentials(self) -> None:
+        """Between streams: drop the connection made with the old certificate."""
+        if self._new_tls is None:
+            return
+        self._tls, self._new_tls = self._new_tls, None
+        self._reconnect.clear()
+        old, self._channel = self._channel, None
+        if old is not None:
+            # A GetPolicy call in flight gets a moment to finish; the policy loop retries otherwise.
+            await old.close(grace=2.0)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -119,6 +181,7 @@ class Transport:
                 await asyncio.wait_for(stop.wait(), delay)
 
     async def _session(self, stop: asyncio.Event) -> None:
+        await self._take_new_credentials()
         self.stats.attempts += 1
         channel = self._open_channel()
         call = channel.stream_stream(
@@ -170,7 +233,8 @@ class Transport:
         self, call: grpc.aio.StreamStreamCall, after: int, inflight: dict[int, float], stop: asyncio.Event
     ) -> None:
         sent_upto = after
-        while not stop.is_set():
+        # A renewed certificate ends the stream as stop does: cleanly, the spool untouched.
+        while not stop.is_set() and not self._reconnect.is_set():
             self._wake.clear()
             room = self._window - len(inflight)
             batches = self._spool.pending(after_seq=sent_upto, limit=room) if room > 0 else []
@@ -236,3 +300,16 @@ class Transport:
             return policy_update(response)
         except ValueError as exc:
             raise TransportError(f"GetPolicy: the collector sent a policy we cannot use: {exc}") from exc
+
+    async def renew(self, csr_pem: bytes, timeout_s: float = 30.0) -> IssuedCertificate:
+        """A fresh certificate for our key, asked for over the current mTLS connection."""
+        channel = self._open_channel()
+        method = channel.unary_unary(RENEW_METHOD, request_serializer=None, response_deserializer=None)
+        try:
+            data = await method(renew_request(csr_pem), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise RenewError(exc.code().name, f"Renew: {exc.code().name}: {exc.details()}") from exc
+        try:
+            return parse_issued(data)
+        except ValueError as exc:  # protobuf's DecodeError is a ValueError
+            raise RenewError("INTERNAL", f"Renew: the collector's answer cannot be parsed: {exc}") from exc

@@ -9,6 +9,8 @@ from typing import Any
 from google.protobuf import json_format
 
 from agent.aggregate.flows import FlowRecord
+from agent.config import LABELS
+from agent.credentials import IssuedCertificate
 from agent.health import Health
 from agent.policy import PolicyUpdate, zones_from_ranges
 from agent.sensors.accounting import ZoneDelta
@@ -18,6 +20,8 @@ from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
 REPORT_METHOD = "/zonewatch.v1.AgentService/Report"
 POLICY_METHOD = "/zonewatch.v1.AgentService/GetPolicy"
+ENROLL_METHOD = "/zonewatch.v1.AgentService/Enroll"
+RENEW_METHOD = "/zonewatch.v1.AgentService/Renew"
 
 
 def hello_request(
@@ -137,9 +141,33 @@ def health_fact(health: Health, time_ms: int) -> facts_pb2.Fact:
             rss_bytes=health.rss_bytes,
             spool_bytes=health.spool_bytes,
             spool_batches=health.spool_batches,
+            capture_packets=health.capture_packets,
+            capture_drops=health.capture_drops,
             policy_version=health.policy_version,
             sensor_status=dict(health.sensors),
         ),
+    )
+
+
+def enroll_request(token: str, csr_pem: bytes, hostname: str, machine_id: str, version: str) -> bytes:
+    return agent_pb2.EnrollRequest(
+        token=token, csr_pem=csr_pem, hostname=hostname, machine_id=machine_id, agent_version=version
+    ).SerializeToString()
+
+
+def renew_request(csr_pem: bytes) -> bytes:
+    return agent_pb2.RenewRequest(csr_pem=csr_pem).SerializeToString()
+
+
+def parse_issued(data: bytes) -> IssuedCertificate:
+    """An EnrollResponse (the answer to Enroll and to Renew) as the agent's own record."""
+    response = agent_pb2.EnrollResponse.FromString(data)
+    return IssuedCertificate(
+        certificate_pem=response.certificate_pem,
+        ca_pem=response.ca_pem,
+        agent_id=response.agent_id,
+        not_after_ms=response.not_after_ms,
+        labels={name: getattr(response.labels, name) for name in LABELS},
     )
 
 

@@ -196,7 +196,7 @@ def collector_main(db_path: str, conn: multiprocessing.connection.Connection, cp
 
 
 async def _collector(db_path: Path, conn: multiprocessing.connection.Connection, cprofile: bool) -> None:
-    collector = await create_server(CollectorConfig(db_path=db_path, listen="127.0.0.1:0"))
+    collector = await create_server(CollectorConfig(db_path=db_path, listen="127.0.0.1:0", insecure=True))
     # cProfile sees this process's event loop only; the database writer is a child
     # process (use --profile py-spy, which follows it, to see that side).
     profilers = {"event loop": cProfile.Profile()}

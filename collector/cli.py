@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collector import __version__
+from collector import __version__, cli_trust
 from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig
 from collector.errors import CollectorError
 from collector.policy import AgentPolicy
@@ -33,6 +33,7 @@ examples:
   zonewatch-collector flows --zone 公安专网 --since 24h --top 20
   zonewatch-collector flows --zone 公安专网 --user app --process java --wide
   zonewatch-collector retention
+  zonewatch-collector health --since 15m
   zonewatch-collector serve --raw-hours 72 --minute-days 90 --hour-days 730
   zonewatch-collector zones validate /etc/zonewatch/zones.yaml
   zonewatch-collector zones show /etc/zonewatch/zones.yaml --address 10.10.3.4
@@ -96,7 +97,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _db_arg(serve)
     serve.add_argument(
-        "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})"
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"HOST:PORT agents report to over mTLS (default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument(
+        "--enroll-listen",
+        metavar="HOST:PORT",
+        help="where agents without a certificate enroll (TLS, Enroll only; default: --listen's port + 1)",
+    )
+    cli_trust.pki_arg(serve)
+    serve.add_argument(
+        "--agent-rate",
+        type=float,
+        default=2000.0,
+        metavar="FACTS/S",
+        help="facts per second one agent may send; beyond it the agent is slowed and keeps the rest "
+        "in its spool (default 2000)",
+    )
+    serve.add_argument(
+        "--agent-burst",
+        type=float,
+        metavar="FACTS",
+        help="facts one agent may send at once beyond its rate, e.g. a backlog after an outage "
+        "(default: 10 s worth of --agent-rate)",
+    )
+    serve.add_argument(
+        "--max-streams",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="agent streams open at once; more are refused and retry (default 20000)",
+    )
+    serve.add_argument(
+        "--hello-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a stream that says nothing this long after opening is ended (default 30)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS: agents are not authenticated and name themselves (a lab only, never production)",
     )
     serve.add_argument(
         "--sample-interval",
@@ -166,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="silent longer than this: offline (default 10m)",
     )
+    cli_trust.add_agent_actions(agents, _db_arg)
+    trust_handlers = cli_trust.add_parsers(sub, _db_arg, _format_arg, _duration)
 
     bw = sub.add_parser(
         "bandwidth",
@@ -253,6 +298,45 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(ret)
     _format_arg(ret)
 
+    health = sub.add_parser(
+        "health",
+        help="is monitoring itself working: ingest, lag, rejections, gaps, disk, each agent's own health",
+        description="Over a window (--since): batches and facts stored per second; lag (receive time "
+        "minus the agent's send time: real delay minus the agent's clock offset, so the agents' median "
+        "clock skew is shown beside it); what was rejected, by code and field, with the newest message; "
+        "sequence gaps and batches missing, and incidents open now; the database and WAL sizes and the "
+        "free disk space (a warning below 10 % or 1 GiB); agents online, stale and offline, and each "
+        "agent's CPU, memory, spool backlog, capture drops, policy version and sensors that are off, "
+        "worst first (offline, then the biggest backlog), as of its latest health report.",
+    )
+    _db_arg(health)
+    health.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table for people (default: a summary, then rejections and agents); json: one object with "
+        "every figure; csv: the per-agent rows only",
+    )
+    health.add_argument(
+        "--since",
+        default="5m",
+        help="the window: from 15m, 2h, 2026-11-28T07:00 ... until now (default 5m)",
+    )
+    health.add_argument(
+        "--stale-after",
+        type=_duration,
+        default=60_000,
+        metavar="DURATION",
+        help="silent longer than this: stale (default 60s, as for agents)",
+    )
+    health.add_argument(
+        "--offline-after",
+        type=_duration,
+        default=600_000,
+        metavar="DURATION",
+        help="silent longer than this: offline (default 10m, as for agents)",
+    )
+
     zones = sub.add_parser(
         "zones",
         help="check or show a zone catalog (YAML)",
@@ -298,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--since", default="1m", help="bandwidth window (default 1m)")
     watch.add_argument("--count", type=int, default=0, help="stop after N refreshes (default: until Ctrl-C)")
     watch.add_argument("--wide", action="store_true", help="every bandwidth column")
+    parser.set_defaults(trust_handlers=trust_handlers)
     return parser
 
 
@@ -306,6 +391,8 @@ def now_ms() -> int:
 
 
 def serve_config(args: argparse.Namespace) -> CollectorConfig:
+    if not args.agent_rate > 0 or args.max_streams < 1 or not args.hello_timeout > 0:
+        raise CollectorError("--agent-rate, --max-streams and --hello-timeout must be positive")
     if args.sample_interval < 1:
         raise CollectorError(f"--sample-interval must be at least 1 second, got {args.sample_interval}")
     for flag, value in (("--raw-hours", args.raw_hours), ("--minute-days", args.minute_days),
@@ -315,6 +402,13 @@ def serve_config(args: argparse.Namespace) -> CollectorConfig:
     return CollectorConfig(
         db_path=args.db,
         listen=args.listen,
+        enroll_listen=args.enroll_listen,
+        pki_dir=args.pki,
+        insecure=args.insecure,
+        agent_facts_per_s=args.agent_rate,
+        agent_burst_facts=args.agent_burst,
+        max_streams=args.max_streams,
+        hello_timeout_s=args.hello_timeout,
         zones_path=args.zones,
         policy=AgentPolicy(sample_interval_s=args.sample_interval, interfaces=tuple(args.interfaces)),
         retention=RetentionPolicy(
@@ -330,10 +424,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(collector: Any) -> None:
         host = config.listen.rsplit(":", 1)[0]
+        enroll_host = config.enroll_address.rsplit(":", 1)[0]
         logging.getLogger("zonewatch").info(
-            "collector listening on %s:%d, database %s, policy %s",
+            "collector listening on %s:%d (%s), database %s, policy %s",
             host,
             collector.port,
+            f"mTLS; enrollment on {enroll_host}:{collector.enroll_port}"
+            if collector.enroll_port
+            else "NO TLS",
             config.db_path,
             config.policy.version,
         )
@@ -349,6 +447,8 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
+    if getattr(args, "agents_command", None):
+        return cli_trust.cmd_agent_action(args)
     from collector.output import AGENT_COLUMNS, render
     from collector.store.queries import list_agents
 
@@ -488,6 +588,25 @@ def cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from collector.output import check_range, parse_time, render_health
+    from collector.store.health import health_report
+
+    now = now_ms()
+    since_ms = parse_time(args.since, now)
+    check_range(since_ms, now)
+    report = health_report(
+        _open(args),
+        args.db,
+        since_ms=since_ms,
+        now_ms=now,
+        stale_after_ms=args.stale_after,
+        offline_after_ms=args.offline_after,
+    )
+    render_health(report, args.format, sys.stdout)
+    return 0
+
+
 def cmd_zones(args: argparse.Namespace) -> int:
     from collector.output import ZONE_COLUMNS, ZONE_LOOKUP_COLUMNS, ZoneLookupRow, ZoneRow, render
     from collector.zones import load_catalog
@@ -545,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         "traffic": cmd_traffic,
         "flows": cmd_flows,
         "retention": cmd_retention,
+        "health": cmd_health,
+        **args.trust_handlers,
     }
     try:
         return handlers[args.command](args)

@@ -15,8 +15,15 @@ DEFAULT_DB = Path("zonewatch.db")
 @dataclass(frozen=True)
 class CollectorConfig:
     db_path: Path = DEFAULT_DB
-    # host:port to listen on; port 0 picks a free one (tests).
+    # host:port to listen on (mTLS: Report, GetPolicy, Renew); port 0 picks a free one (tests).
     listen: str = DEFAULT_LISTEN
+    # host:port of the enrollment port (TLS without client certificates: Enroll only); None:
+    # the host of `listen` and its port + 1 (port 0 stays 0).
+    enroll_listen: str | None = None
+    # The CA and server certificate (pki.py); None: beside the database, in "pki".
+    pki_dir: Path | None = None
+    # A lab collector without TLS: agents name themselves, nothing is enrolled. Never in production.
+    insecure: bool = False
     policy: AgentPolicy = field(default_factory=AgentPolicy)
     # The zone catalog (YAML) served to agents; reloaded on SIGHUP and when the file changes.
     zones_path: Path | None = None
@@ -25,6 +32,15 @@ class CollectorConfig:
     # Largest message an agent may send; larger ones end the stream with RESOURCE_EXHAUSTED.
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 20_000
+    # Report streams open at once, all agents together; more are refused (RESOURCE_EXHAUSTED).
+    max_streams: int = 20_000
+    # A Report stream must say hello within this many seconds, or it is ended (a slot held by nobody).
+    hello_timeout_s: float = 30.0
+    # Facts per second one agent may send (10 s worth may come at once); beyond it its stream is
+    # read more slowly and the excess waits in the agent's spool.
+    agent_facts_per_s: float = 2_000.0
+    # Facts an agent may send at once beyond its rate (a backlog after an outage); None: 10 s worth.
+    agent_burst_facts: float | None = None
     # Seconds granted to open streams to finish their in-flight batches on SIGTERM.
     shutdown_grace_s: float = 5.0
     # Facts per group commit at most: bounds one transaction's latency.
@@ -35,3 +51,19 @@ class CollectorConfig:
     maintenance_interval_s: float = 30.0
     # Rows one retention step may read or delete: bounds how long a commit waits behind it.
     maintenance_budget_rows: int = 50_000
+
+    @property
+    def pki_path(self) -> Path:
+        return self.pki_dir if self.pki_dir is not None else default_pki_dir(self.db_path)
+
+    @property
+    def enroll_address(self) -> str:
+        if self.enroll_listen is not None:
+            return self.enroll_listen
+        host, _, port = self.listen.rpartition(":")
+        return f"{host}:{int(port) + 1 if port.isdigit() and int(port) else 0}"
+
+
+def default_pki_dir(db_path: Path) -> Path:
+    """Where `init` puts the PKI and `serve` looks for it unless told: beside the database."""
+    return db_path.resolve().parent / "pki"

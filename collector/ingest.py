@@ -16,16 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
-from collector.model import AgentHello, CatalogRow, Settled, ValidBatch
+from collector.model import AgentHello, CatalogRow, HostLabels, Settled, ValidBatch
+from collector.store.enrollment import CertificateStatus, Enrolled, Revocation, TokenRefused
+from collector.store.incidents import Raise
 from collector.store.process import WriterProcess
 from collector.store.retention import MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected
+
+log = logging.getLogger(__name__)
 
 GROUPS_IN_FLIGHT = 2
 
@@ -43,7 +49,7 @@ class IngestStats(NamedTuple):
 
 
 class Ingest:
-    def __init__(self, db_path: str | Path, *, max_group_facts: int = 100_000) -> None:
+    def __init__(self, db_path: str | Path, *, max_group_facts: int = 100_000, retry_s: float = 1.0) -> None:
         self._db_path = Path(db_path)
         self._max_group_facts = max_group_facts
         self._send_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zonewatch-send")
@@ -54,6 +60,8 @@ class Ingest:
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: WriterProcess | None = None
         self._failure: CollectorError | None = None
+        self._failed_at = 0.0
+        self._retry_s = retry_s
         self.batches = self.facts = self.commits = self.rejected = 0
 
     async def start(self) -> None:
@@ -64,10 +72,24 @@ class Ingest:
             asyncio.create_task(self._group_commit(), name="zonewatch-group-commit"),
         ]
 
+    def _failed(self) -> CollectorError | None:
+        """The storage failure in force, if any. A failure is not forever: once ``retry_s`` has
+        passed (and the writer process lives) the next request tries again, so a collector whose
+        disk filled up resumes by itself when space returns. Nothing was acknowledged meanwhile:
+        a failed group is rolled back and its agents keep its batches."""
+        if self._failure is None:
+            return None
+        writer = self._writer
+        if writer is None or not writer.alive or time.monotonic() - self._failed_at < self._retry_s:
+            return self._failure
+        log.warning("storage failed (%s); trying again", self._failure)
+        self._failure = None
+        return None
+
     async def _call(self, request: tuple[Any, ...], *, after_failure: bool = False) -> Any:
         """Send one request to the writer; the reply's value (or its StoreError)."""
-        if self._failure is not None and not after_failure:
-            raise self._failure
+        if (failure := self._failed()) is not None and not after_failure:
+            raise failure
         writer = self._require_writer()
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
@@ -82,8 +104,32 @@ class Ingest:
             raise
         return await reply
 
-    async def register(self, hello: AgentHello, now_ms: int) -> int:
-        return int(await self._call(WriterProcess.register_request(hello, now_ms)))
+    async def register(self, hello: AgentHello, now_ms: int, *, enrolled: bool = False) -> int:
+        return int(await self._call(WriterProcess.register_request(hello, now_ms, enrolled)))
+
+    async def enroll(self, token_hash: str, **fields: Any) -> Enrolled:
+        """Redeem the token and enrol the agent (store/enrollment.py redeem); TokenRefused says why not."""
+        answer = await self._call(("enroll", token_hash, fields))
+        if answer[0] == "refused":
+            raise TokenRefused(answer[1])
+        return Enrolled(answer[1], HostLabels(*answer[2]), answer[3])
+
+    async def renew(
+        self, agent_id: str, old_serial: str, serial: str, now_ms: int, not_after_ms: int
+    ) -> None:
+        answer = await self._call(("renew", agent_id, old_serial, serial, now_ms, not_after_ms))
+        if answer[0] == "refused":
+            raise TokenRefused(answer[1])
+
+    async def certificate(self, serial: str) -> CertificateStatus | None:
+        answer = await self._call(("certificate", serial))
+        return None if answer is None else CertificateStatus(*answer)
+
+    async def raise_incident(self, incident: Raise) -> None:
+        await self._call(("incident", tuple(incident)))
+
+    async def revocations_since(self, after_id: int) -> list[Revocation]:
+        return [Revocation(*r) for r in await self._call(("revocations", after_id))]
 
     async def store_catalog(self, zones: list[CatalogRow], version: str, now_ms: int) -> None:
         await self._call(WriterProcess.catalog_request(zones, version, now_ms))
@@ -99,8 +145,8 @@ class Ingest:
 
     def submit(self, item: ValidBatch | Rejected) -> asyncio.Future[Settled | Rejected]:
         """Queue a batch (or a rejection to record); the future resolves after COMMIT."""
-        if self._failure is not None:
-            raise self._failure
+        if (failure := self._failed()) is not None:
+            raise failure
         future: asyncio.Future[Settled | Rejected] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(item, future))
         return future
@@ -188,9 +234,9 @@ class Ingest:
             return
         exc = reply.exception()
         if exc is not None:
-            # Nothing of this group is acknowledged; agents keep it in their spool. A
-            # storage failure is not retried here: the collector refuses further
-            # batches until an operator restarts it (disk full, file damaged).
+            # Nothing of this group is acknowledged; agents keep it in their spool and send
+            # it again. Requests are refused for retry_s, then storage is tried again
+            # (_failed): a full disk that gets space back needs no restart.
             failure = exc if isinstance(exc, CollectorError) else StoreError(str(exc))
             for pending in group:
                 if not pending.future.done():
@@ -209,6 +255,7 @@ class Ingest:
 
     def _fail(self, exc: CollectorError) -> None:
         self._failure = exc
+        self._failed_at = time.monotonic()
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if pending is not None and not pending.future.done():

@@ -90,6 +90,10 @@ class HealthRow(NamedTuple):
     time_ms: int
     cpu_percent: float
     rss_bytes: int
+    spool_bytes: int  # what the agent holds that the collector has not acknowledged yet
+    spool_batches: int
+    capture_packets: int  # packets its capture accepted, dropped ones included
+    capture_drops: int  # of those, packets the kernel dropped (ring full)
     sensors: str  # JSON object: sensor -> "on" / "off: <why>" / ...
 
 

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TextIO
 
 from rich import box
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.text import Text
 
 from collector.errors import QueryError
 
+if TYPE_CHECKING:
+    from collector.store.health import HealthReport
+
 FORMATS = ("table", "json", "csv")
 
 
@@ -29,7 +32,8 @@ class Column(NamedTuple):
 
     kind: "text", "int", "bps" (bits per second), "speed" (bps, 0 for unknown),
     "bytes", "time" (ms since the epoch, shown in local time), "percent" (a
-    fraction, 0.125 shows as 12.5 %) or "status" (online/stale/offline, coloured).
+    fraction, 0.125 shows as 12.5 %), "pct" (already in percent: 12.5 shows as
+    12.5 %) or "status" (online/stale/offline, coloured). None shows as "-".
     max_width: in a table, longer cells are cut to this many terminal cells, ending
     in "…" (json and csv keep the whole value).
     """
@@ -174,7 +178,55 @@ RETENTION_COLUMNS: tuple[Column, ...] = (
     Column("pending", "not rolled up", "int"),
 )
 
+TOKEN_COLUMNS: tuple[Column, ...] = (
+    Column("id", "id", "int"),
+    Column("department", "department"),
+    Column("county", "county"),
+    Column("site", "site"),
+    Column("role", "role"),
+    Column("created_ms", "created", "time"),
+    Column("expires_ms", "expires", "time"),
+    Column("uses_left", "uses left", "int"),
+    Column("uses", "used", "int"),
+    Column("status", "status"),
+    Column("note", "note", max_width=40),
+)
+
+# `health`: every field of store/health.py's AgentHealth; the table leaves out health_ms.
+AGENT_HEALTH_COLUMNS: tuple[Column, ...] = (
+    Column("hostname", "host"),
+    Column("agent_id", "agent id"),
+    Column("status", "status", "status"),
+    Column("last_seen_ms", "last seen", "time"),
+    Column("health_ms", "last health report", "time"),
+    Column("cpu_percent", "cpu", "pct"),
+    Column("rss_bytes", "rss", "bytes"),
+    Column("spool_bytes", "spool", "bytes"),
+    Column("spool_batches", "spooled batches", "int"),
+    Column("capture_packets", "captured", "int"),
+    Column("capture_drops", "dropped", "int"),
+    Column("drop_fraction", "drop %", "percent"),
+    Column("policy_version", "policy"),
+    Column("sensors", "sensors off", max_width=60),
+)
+AGENT_HEALTH_TABLE_COLUMNS: tuple[Column, ...] = tuple(
+    c for c in AGENT_HEALTH_COLUMNS if c.field != "health_ms"
+)
+
+REJECTION_COLUMNS: tuple[Column, ...] = (
+    Column("code", "code"),
+    Column("field", "field"),
+    Column("times", "times", "int"),
+    Column("last_ms", "last", "time"),
+    Column("last_agent_id", "last agent"),
+    Column("example", "newest message", max_width=70),
+)
+
 _EMPTY = {
+    AGENT_HEALTH_COLUMNS: "no agents yet",
+    AGENT_HEALTH_TABLE_COLUMNS: "no agents yet",
+    REJECTION_COLUMNS: "nothing rejected in the window",
+    TOKEN_COLUMNS: "no usable tokens (--all lists every one)",
     AGENT_COLUMNS: "no agents",
     BANDWIDTH_COLUMNS: "no samples in range",
     BANDWIDTH_SUMMARY_COLUMNS: "no samples in range",
@@ -227,7 +279,7 @@ def render(
         _print_table(rows, columns, stream)
 
 
-_NUMERIC = frozenset({"int", "bps", "speed", "bytes", "percent"})
+_NUMERIC = frozenset({"int", "bps", "speed", "bytes", "percent", "pct"})
 _STATUS_STYLE = {"online": "green", "stale": "yellow", "offline": "red"}
 
 
@@ -298,7 +350,118 @@ _FORMATTERS: dict[str, Callable[[Any], str]] = {
     "bytes": human_bytes,
     "time": local_time,
     "percent": percent,
+    "pct": lambda value: f"{value:.1f} %",
 }
+
+
+def human_ms(ms: float) -> str:
+    """A duration or a signed offset: 850 -> "850 ms", 2100 -> "2.1 s", -90_000 -> "-1.5 min",
+    300_000 -> "5 min"."""
+    for unit, size in (("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if abs(ms) >= size:
+            return f"{ms / size:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{ms:.0f} ms"
+
+
+class _Figures(NamedTuple):
+    area: str
+    figures: str
+
+
+_SUMMARY_COLUMNS = (Column("area", "area"), Column("figures", "figures"))
+
+
+def render_health(report: HealthReport, fmt: str, stream: TextIO) -> None:
+    """The `health` command's output: json one object with every figure, csv the per-agent rows,
+    table a summary, then the rejections by reason and the agents, worst first."""
+    if fmt == "json":
+        document = {
+            "window_ms": report.window_ms,
+            "since_ms": report.since_ms,
+            "until_ms": report.until_ms,
+            "ingest": report.ingest._asdict(),
+            "lag_ms": report.lag._asdict(),
+            "rejected": [r._asdict() for r in report.rejected],
+            "gaps": report.gaps._asdict(),
+            "storage": report.storage._asdict(),
+            "agents": report.agents._asdict(),
+            "agent_health": [a._asdict() for a in report.agent_health],
+        }
+        json.dump(document, stream, ensure_ascii=False, indent=2)
+        stream.write("\n")
+        return
+    if fmt != "table":
+        render(report.agent_health, fmt, AGENT_HEALTH_COLUMNS, stream)
+        return
+    stream.write(
+        f"zonewatch health of {report.storage.path}, the last {human_ms(report.window_ms)}"
+        f" ({local_time(report.since_ms)} to {local_time(report.until_ms)})\n\n"
+    )
+    render(_summary(report), "table", _SUMMARY_COLUMNS, stream)
+    if report.storage.warning:
+        stream.write(f"\nwarning: {report.storage.warning}\n")
+    if report.rejected:
+        stream.write("\nRejected in the window, by reason (the newest message as example):\n")
+        render(report.rejected, "table", REJECTION_COLUMNS, stream)
+    stream.write("\nAgents, worst first (figures from each one's latest health report):\n")
+    render(report.agent_health, "table", AGENT_HEALTH_TABLE_COLUMNS, stream)
+
+
+def _summary(report: HealthReport) -> list[_Figures]:
+    ingest, lag, gaps, disk, agents = report.ingest, report.lag, report.gaps, report.storage, report.agents
+    stored = "nothing stored in the window"
+    if ingest.batches:
+        stored = (
+            f"{_many(ingest.batches, 'batch', 'batches')}, {_many(ingest.facts, 'fact')} from"
+            f" {_many(ingest.agents, 'agent')}: {_per_s(ingest.batches_per_s)} batches/s,"
+            f" {_per_s(ingest.facts_per_s)} facts/s"
+        )
+    late = "no batch stored in the window"
+    if lag.p50 is not None and lag.p99 is not None and lag.max is not None:
+        late = (
+            f"p50 {human_ms(lag.p50)}, p99 {human_ms(lag.p99)}, max {human_ms(lag.max)}"
+            f" (received − sent, over {_many(lag.batches, 'batch', 'batches')})"
+        )
+    if lag.clock_skew_median is not None:
+        late += f"; agents' clock skew: median {human_ms(lag.clock_skew_median)}"
+    refused = sum(r.times for r in report.rejected)
+    rejected = f"{refused:,} ({_many(len(report.rejected), 'reason')}, below)" if refused else "none"
+    missing = "no sequence gap"
+    if gaps.gaps:
+        missing = (
+            f"{_many(gaps.gaps, 'sequence gap')} from {_many(gaps.agents, 'agent')},"
+            f" {_many(gaps.missing_batches, 'batch', 'batches')} missing"
+        )
+    missing += f"; {_many(gaps.open_incidents, 'open incident')}"
+    space = (
+        f"database {human_bytes(disk.db_bytes)} + WAL {human_bytes(disk.wal_bytes)};"
+        f" {human_bytes(disk.disk_free_bytes)} free of {human_bytes(disk.disk_total_bytes)}"
+        f" ({percent(disk.disk_free_fraction)}){', LOW: see below' if disk.warning else ''}"
+    )
+    fleet = "no agents yet"
+    if agents.total:
+        fleet = (
+            f"{_many(agents.total, 'agent')}: {agents.online:,} online, {agents.stale:,} stale,"
+            f" {agents.offline:,} offline"
+        )
+    return [
+        _Figures("ingest", stored),
+        _Figures("lag", late),
+        _Figures("rejected", rejected),
+        _Figures("gaps", missing),
+        _Figures("storage", space),
+        _Figures("agents", fleet),
+    ]
+
+
+def _per_s(rate: float) -> str:
+    """Three significant digits for a trickle, whole numbers for a flood: 0.0233, 4.67, 12,345."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
+def _many(count: int, one: str, more: str = "") -> str:
+    """3, "agent" -> "3 agents"; 1, "batch", "batches" -> "1 batch"."""
+    return f"{count:,} {one if count == 1 else more or one + 's'}"
 
 
 _DURATION = re.compile(r"(\d+)\s*([smhd])")

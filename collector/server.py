@@ -11,12 +11,14 @@ from collections.abc import Callable
 
 import grpc
 
+from collector import pki
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
 from collector.ingest import Ingest
 from collector.maintenance import MaintenanceSchedule
 from collector.policy import PolicySource
 from collector.servicer import AgentService
+from collector.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,18 @@ class Collector:
         ingest: Ingest,
         policy: PolicySource,
         maintenance: MaintenanceSchedule,
+        trust: Trust,
+        enroll_port: int = 0,
     ) -> None:
         self.server = server
         self.port = port
+        self.enroll_port = enroll_port  # 0 when insecure (no enrollment)
         self.ingest = ingest
         self.policy = policy
         self.maintenance = maintenance
+        self.trust = trust
+        self._stop_watching = asyncio.Event()
+        self._revocations = asyncio.create_task(trust.watch_revocations(self._stop_watching))
 
     async def store_catalog(self) -> None:
         """Record the catalog in force in the database, for queries and reports."""
@@ -60,13 +68,22 @@ class Collector:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking new streams, let in-flight batches commit, close the database."""
         await self.maintenance.stop()
+        self._stop_watching.set()
+        await self._revocations
         await self.server.stop(grace_s)
         await self.ingest.close()
 
 
 async def create_server(config: CollectorConfig) -> Collector:
-    """Start a collector listening on config.listen (port 0 = any free port)."""
+    """Start a collector listening on config.listen (port 0 = any free port).
+
+    With TLS (the default) it listens twice: config.listen for agents with a client certificate
+    (Report, GetPolicy, Renew) and config.enroll_address for agents that have none yet (Enroll).
+    grpc offers a server either "require and verify a client certificate" or "never ask for
+    one", so enrollment, which has no certificate, needs a port of its own.
+    """
     policy = PolicySource(config.policy, config.zones_path)  # a bad catalog stops us before anything starts
+    authority = None if config.insecure else _load_pki(config)
     ingest = Ingest(config.db_path, max_group_facts=config.max_group_facts)
     await ingest.start()
     server = grpc.aio.server(
@@ -76,18 +93,40 @@ async def create_server(config: CollectorConfig) -> Collector:
             # Agents ping at most every 20 s; faster pings are abusive and get the connection closed.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_ping_strikes", 2),
+            # The collector pings idle connections too: a vanished agent's stream is closed within
+            # a few minutes instead of holding a slot for hours.
+            ("grpc.keepalive_time_ms", 120_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((AgentService(ingest, policy).handler(),))
+    trust = Trust(ingest, authority)
+    service = AgentService(
+        ingest,
+        policy,
+        trust,
+        agent_facts_per_s=config.agent_facts_per_s,
+        agent_burst_facts=config.agent_burst_facts,
+        max_streams=config.max_streams,
+        hello_timeout_s=config.hello_timeout_s,
+    )
+    server.add_generic_rpc_handlers((service.handler(),))
+    enroll_port = 0
     try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as exc:
+        if authority is None:
+            log.warning("running WITHOUT TLS (--insecure): agents are not authenticated")
+            port = _bind(server, config.listen, None)
+        else:
+            key, chain = authority.server_key_pem, authority.server_chain_pem
+            mtls = grpc.ssl_server_credentials(
+                [(key, chain)], root_certificates=authority.ca_cert_pem, require_client_auth=True
+            )
+            port = _bind(server, config.listen, mtls)
+            enroll_port = _bind(server, config.enroll_address, grpc.ssl_server_credentials([(key, chain)]))
+    except CollectorError:
         await ingest.close()
-        raise CollectorError(f"cannot listen on {config.listen}: {exc}") from exc
-    if port == 0:
-        await ingest.close()
-        raise CollectorError(f"cannot listen on {config.listen} (address in use?)")
+        raise
     await server.start()
     maintenance = MaintenanceSchedule(
         ingest,
@@ -95,10 +134,33 @@ async def create_server(config: CollectorConfig) -> Collector:
         interval_s=config.maintenance_interval_s,
         budget_rows=config.maintenance_budget_rows,
     )
-    collector = Collector(server, port, ingest, policy, maintenance)
+    collector = Collector(server, port, ingest, policy, maintenance, trust, enroll_port)
     await collector.store_catalog()
     maintenance.start()
     return collector
+
+
+def _load_pki(config: CollectorConfig) -> pki.Pki:
+    try:
+        return pki.load_pki(config.pki_path)
+    except pki.PkiError as exc:
+        raise CollectorError(
+            f"{exc} (create it with `zonewatch-collector init --db {config.db_path}`, or serve --insecure "
+            "for a lab without TLS)"
+        ) from exc
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise CollectorError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise CollectorError(f"cannot listen on {address} (address in use?)")
+    return port
 
 
 async def serve(config: CollectorConfig, on_ready: Callable[[Collector], None] | None = None) -> None:

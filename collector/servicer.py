@@ -23,7 +23,9 @@ from collector.errors import CollectorError, ValidationError
 from collector.ingest import Ingest
 from collector.model import Settled
 from collector.policy import AgentPolicy, PolicySource
+from collector.store.incidents import AGENT_CLONE, Raise
 from collector.store.writer import Rejected
+from collector.trust import Admission, Refusal, Trust, peer_host
 from collector.zones import ZoneCatalog
 from protos.zonewatch.v1 import agent_pb2
 
@@ -55,10 +57,72 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def parse_enroll_request(data: bytes) -> agent_pb2.EnrollRequest | Unparseable:
+    try:
+        return agent_pb2.EnrollRequest.FromString(data)
+    except DecodeError as exc:
+        return Unparseable(str(exc) or "cannot parse message")
+
+
+def parse_renew_request(data: bytes) -> agent_pb2.RenewRequest | Unparseable:
+    try:
+        return agent_pb2.RenewRequest.FromString(data)
+    except DecodeError as exc:
+        return Unparseable(str(exc) or "cannot parse message")
+
+
+async def _refuse(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+    await context.abort(grpc.StatusCode[refusal.code], refusal.message)
+
+
+class RateLimit:
+    """A token bucket of facts per second for one agent's stream.
+
+    Over its rate the stream is simply read later: HTTP/2 flow control stops the agent once
+    its window of unacknowledged batches is full, and the excess waits in its spool. Nothing
+    is refused, so nothing is lost, and the other agents' streams are not slowed.
+    """
+
+    def __init__(self, facts_per_s: float, burst_facts: float, monotonic: Callable[[], float]) -> None:
+        self._rate = facts_per_s
+        self._burst = burst_facts
+        self._monotonic = monotonic
+        self._tokens = burst_facts
+        self._at = monotonic()
+
+    def delay_for(self, facts: int) -> float:
+        """Take ``facts`` from the bucket; the seconds to wait before reading more (0: none)."""
+        now = self._monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        self._tokens -= facts
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
+
 class AgentService:
-    def __init__(self, ingest: Ingest, policy: PolicySource, clock_ms: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self,
+        ingest: Ingest,
+        policy: PolicySource,
+        trust: Trust | None = None,
+        clock_ms: Callable[[], int] = now_ms,
+        *,
+        agent_facts_per_s: float = 2_000.0,
+        agent_burst_facts: float | None = None,
+        max_streams: int = 20_000,
+        hello_timeout_s: float = 30.0,
+    ) -> None:
         self._ingest = ingest
         self._policy = policy
+        self._trust = trust or Trust(ingest, None)
+        self._agent_rate = agent_facts_per_s
+        self._agent_burst = agent_burst_facts if agent_burst_facts is not None else 10 * agent_facts_per_s
+        self._max_streams = max_streams
+        self._hello_timeout = hello_timeout_s
+        # agent id -> {peer address: open streams}: one identity used from two places is a clone.
+        self._streams: dict[str, dict[str, int]] = {}
+        self.open_streams = 0
+        self.throttled_s = 0.0
         # The serialized answer for the policy in force, built once per version: thousands
         # of agents ask for the same catalog.
         self._policy_reply: tuple[str, bytes] = ("", b"")
@@ -66,8 +130,25 @@ class AgentService:
         self._confirmed: dict[str, str] = {}
 
     async def report(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        if self.open_streams >= self._max_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the collector serves {self._max_streams} agent streams at most; retry later",
+            )
+        self.open_streams += 1
+        try:
+            await self._report(context)
+        finally:
+            self.open_streams -= 1
+
+    async def _report(self, context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
-        first = await context.read()
+        try:
+            first = await asyncio.wait_for(context.read(), self._hello_timeout)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {self._hello_timeout:g} s"
+            )
         if first is grpc.aio.EOF:
             return
         if isinstance(first, Unparseable) or first.WhichOneof("body") != "hello":
@@ -83,8 +164,14 @@ class AgentService:
                 )
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        admission: Admission | None = None
+        if self._trust.secure:
+            try:
+                admission = await self._trust.admit(context.auth_context(), hello.agent_id)
+            except Refusal as refusal:
+                await self._refuse(context, refusal, hello.agent_id, "admission", peer)
         try:
-            acked = await self._ingest.register(hello, self._clock_ms())
+            acked = await self._ingest.register(hello, self._clock_ms(), enrolled=admission is not None)
         except CollectorError as exc:
             log.error("cannot register agent %s: %s", hello.agent_id, exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "collector storage is failing; retry later")
@@ -100,11 +187,16 @@ class AgentService:
         replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None] = asyncio.Queue(
             MAX_IN_FLIGHT_PER_STREAM
         )
+        await self._note_stream(hello.agent_id, peer, +1)
         receiver = asyncio.create_task(self._receive(hello.agent_id, peer, replies, context))
         sender = asyncio.create_task(self._send_replies(replies, context))
+        revoked = self._trust.watch(admission.serial) if admission else asyncio.Event()
+        revocation = asyncio.create_task(revoked.wait())
         try:
-            await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver.done() and not receiver.cancelled() and receiver.exception() is None:
+            await asyncio.wait({receiver, sender, revocation}, return_when=asyncio.FIRST_COMPLETED)
+            if revoked.is_set():
+                storage_ok = True  # ended below: what was acked so far stays acked
+            elif receiver.done() and not receiver.cancelled() and receiver.exception() is None:
                 await replies.put(None)  # the agent is done sending: answer what is in flight
                 storage_ok = await sender
             elif receiver.done() and isinstance(receiver.exception(), CollectorError):
@@ -115,9 +207,16 @@ class AgentService:
             else:
                 storage_ok = sender.result()
         finally:
-            for task in (receiver, sender):
+            for task in (receiver, sender, revocation):
                 task.cancel()
-            await asyncio.gather(receiver, sender, return_exceptions=True)
+            await asyncio.gather(receiver, sender, revocation, return_exceptions=True)
+            if admission is not None:
+                self._trust.unwatch(admission.serial, revoked)
+            await self._note_stream(hello.agent_id, peer, -1)
+        if revoked.is_set():
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"the certificate of agent {hello.agent_id} was revoked"
+            )
         if not storage_ok:
             # Nothing unacknowledged is lost: the agent keeps it and retries after its backoff.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "collector storage is failing; retry later")
@@ -130,6 +229,7 @@ class AgentService:
         context: grpc.aio.ServicerContext,
     ) -> None:
         stream_last = 0
+        limit = RateLimit(self._agent_rate, self._agent_burst, time.monotonic)
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
@@ -181,6 +281,11 @@ class AgentService:
                 log.error("storage failing, refusing batches: %s", exc)
                 raise
             await replies.put(future)
+            facts = item.fact_count if not isinstance(item, Rejected) else 1
+            if (delay := limit.delay_for(facts)) > 0:
+                # Over its rate: read this agent's next batch later. Its spool holds the rest.
+                self.throttled_s += delay
+                await asyncio.sleep(delay)
 
     async def _send_replies(
         self,
@@ -220,6 +325,42 @@ class AgentService:
         with contextlib.suppress(CollectorError):
             self._ingest.submit(rejected)
 
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, refusal: Refusal, agent_id: str, field: str, peer: str
+    ) -> None:
+        """Record the refusal (rejections, by reason, for `health`) and end the call with it."""
+        self._record(
+            Rejected(agent_id[:128], 0, self._clock_ms(), refusal.code, field, refusal.message, peer)
+        )
+        await _refuse(context, refusal)
+
+    async def _note_stream(self, agent_id: str, peer: str, change: int) -> None:
+        """Count the agent's open streams per address; a second address at once is a cloned identity."""
+        host = peer_host(peer)
+        places = self._streams.setdefault(agent_id, {})
+        places[host] = places.get(host, 0) + change
+        if places[host] <= 0:
+            del places[host]
+        if not places:
+            del self._streams[agent_id]
+        elif change > 0 and len(places) > 1:
+            others = sorted(set(places) - {host})
+            log.warning("agent %s reports from %s and %s at once", agent_id, host, ", ".join(others))
+            incident = Raise(
+                AGENT_CLONE,
+                agent_id,
+                None,
+                "high",
+                f"agent {agent_id[:12]} reports from {len(places)} places at once: a cloned host or a "
+                "stolen certificate",
+                {"agent_id": agent_id, "addresses": sorted(places), "evidence": "concurrent streams"},
+                self._clock_ms(),
+            )
+            try:
+                await self._ingest.raise_incident(incident)
+            except CollectorError as exc:
+                log.error("cannot store the clone incident: %s", exc)
+
     async def get_policy(
         self, request: agent_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
@@ -227,6 +368,12 @@ class AgentService:
             agent_id, current = validate.policy_request(request)
         except ValidationError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self._trust.secure:
+            try:
+                admitted = await self._trust.admit(context.auth_context(), agent_id or None)
+            except Refusal as refusal:
+                await self._refuse(context, refusal, agent_id, "admission", context.peer())
+            agent_id = admitted.agent_id
         policy = self._policy.policy
         version = policy.version
         if current == version:
@@ -245,6 +392,34 @@ class AgentService:
             self._policy_reply = (version, reply.SerializeToString())
         return self._policy_reply[1]
 
+    async def enroll(
+        self, request: agent_pb2.EnrollRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.EnrollResponse:
+        if isinstance(request, Unparseable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a zonewatch.v1.EnrollRequest: {request.error}"
+            )
+            raise AssertionError("not reached: abort raises")
+        try:
+            return await self._trust.enroll(request, context.peer())
+        except Refusal as refusal:
+            await self._refuse(context, refusal, "", "enroll", context.peer())
+            raise AssertionError("not reached: abort raises") from refusal
+
+    async def renew(
+        self, request: agent_pb2.RenewRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.EnrollResponse:
+        if isinstance(request, Unparseable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a zonewatch.v1.RenewRequest: {request.error}"
+            )
+            raise AssertionError("not reached: abort raises")
+        try:
+            return await self._trust.renew(request, context.auth_context())
+        except Refusal as refusal:
+            await self._refuse(context, refusal, "", "renew", context.peer())
+            raise AssertionError("not reached: abort raises") from refusal
+
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -258,6 +433,16 @@ class AgentService:
                     self.get_policy,
                     request_deserializer=agent_pb2.GetPolicyRequest.FromString,
                     response_serializer=None,  # get_policy returns bytes it serialized (and cached)
+                ),
+                "Enroll": grpc.unary_unary_rpc_method_handler(
+                    self.enroll,
+                    request_deserializer=parse_enroll_request,
+                    response_serializer=agent_pb2.EnrollResponse.SerializeToString,
+                ),
+                "Renew": grpc.unary_unary_rpc_method_handler(
+                    self.renew,
+                    request_deserializer=parse_renew_request,
+                    response_serializer=agent_pb2.EnrollResponse.SerializeToString,
                 ),
             },
         )

@@ -55,7 +55,7 @@ _kind_of = methodcaller("WhichOneof", "kind")
 _COUNTERS = slice(1, 10)  # rx_bytes .. interval_ms
 
 
-def _text(value: str, field: str, max_len: int, *, required: bool = False) -> str:
+def text(value: str, field: str, max_len: int, *, required: bool = False) -> str:
     if required and not value:
         raise ValidationError(field, "must not be empty")
     if len(value) > max_len:
@@ -66,7 +66,7 @@ def _text(value: str, field: str, max_len: int, *, required: bool = False) -> st
 
 
 def _agent_id(value: str, field: str) -> str:
-    _text(value, field, MAX_ID_LEN, required=True)
+    text(value, field, MAX_ID_LEN, required=True)
     if not all(c.isascii() and (c.isalnum() or c in "-_.") for c in value):
         raise ValidationError(field, "may contain only ASCII letters, digits, '-', '_' and '.'")
     return value
@@ -79,15 +79,15 @@ def hello(msg: agent_pb2.Hello, received_ms: int) -> AgentHello:
     labels = msg.labels
     return AgentHello(
         agent_id=agent_id,
-        hostname=_text(msg.hostname, "hello.hostname", MAX_HOSTNAME_LEN, required=True),
-        agent_version=_text(msg.agent_version, "hello.agent_version", MAX_LABEL_LEN),
+        hostname=text(msg.hostname, "hello.hostname", MAX_HOSTNAME_LEN, required=True),
+        agent_version=text(msg.agent_version, "hello.agent_version", MAX_LABEL_LEN),
         labels=HostLabels(
-            department=_text(labels.department, "hello.labels.department", MAX_LABEL_LEN),
-            county=_text(labels.county, "hello.labels.county", MAX_LABEL_LEN),
-            site=_text(labels.site, "hello.labels.site", MAX_LABEL_LEN),
-            role=_text(labels.role, "hello.labels.role", MAX_LABEL_LEN),
+            department=text(labels.department, "hello.labels.department", MAX_LABEL_LEN),
+            county=text(labels.county, "hello.labels.county", MAX_LABEL_LEN),
+            site=text(labels.site, "hello.labels.site", MAX_LABEL_LEN),
+            role=text(labels.role, "hello.labels.role", MAX_LABEL_LEN),
         ),
-        policy_version=_text(msg.policy_version, "hello.policy_version", MAX_LABEL_LEN),
+        policy_version=text(msg.policy_version, "hello.policy_version", MAX_LABEL_LEN),
         time_ms=msg.time_ms,
     )
 
@@ -95,7 +95,7 @@ def hello(msg: agent_pb2.Hello, received_ms: int) -> AgentHello:
 def policy_request(msg: agent_pb2.GetPolicyRequest) -> tuple[str, str]:
     """(agent_id, current_version); an empty agent id is allowed (a tool asking, not an agent)."""
     agent_id = _agent_id(msg.agent_id, "agent_id") if msg.agent_id else ""
-    return agent_id, _text(msg.current_version, "current_version", MAX_LABEL_LEN)
+    return agent_id, text(msg.current_version, "current_version", MAX_LABEL_LEN)
 
 
 def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
@@ -214,32 +214,38 @@ ACCOUNTING_METHODS = ("nftables", "capture")
 
 
 MAX_SENSORS = 32
+# uint64 on the wire, INTEGER (signed 64-bit) in SQLite.
+_HEALTH_COUNTS = ("rss_bytes", "spool_bytes", "spool_batches", "capture_packets", "capture_drops")
 MAX_SENSOR_STATUS = 512
 
 
 def _health(msg: facts_pb2.AgentHealth, time_ms: int, prefix: str) -> HealthRow:
     if not 0.0 <= msg.cpu_percent <= 100_000.0:  # NaN fails too
         raise ValidationError(f"{prefix}.cpu_percent", f"must be in [0, 100000], got {msg.cpu_percent}")
-    if msg.rss_bytes > INT64_MAX:
-        raise ValidationError(f"{prefix}.rss_bytes", f"{msg.rss_bytes} is out of range")
+    for name in _HEALTH_COUNTS:
+        if getattr(msg, name) > INT64_MAX:
+            raise ValidationError(
+                f"{prefix}.{name}", f"{getattr(msg, name)} is out of range (at most {INT64_MAX})"
+            )
     if len(msg.sensor_status) > MAX_SENSORS:
         raise ValidationError(
             f"{prefix}.sensor_status", f"has {len(msg.sensor_status)} entries, at most {MAX_SENSORS}"
         )
     sensors = {
-        _text(name, f"{prefix}.sensor_status", MAX_LABEL_LEN, required=True): _text(
+        text(name, f"{prefix}.sensor_status", MAX_LABEL_LEN, required=True): text(
             status, f"{prefix}.sensor_status[{name}]", MAX_SENSOR_STATUS
         )
         for name, status in msg.sensor_status.items()
     }
     return HealthRow(
-        time_ms, msg.cpu_percent, msg.rss_bytes, json.dumps(sensors, ensure_ascii=False, sort_keys=True)
-    )
+        time_ms, msg.cpu_percent, msg.rss_bytes, msg.spool_bytes, msg.spool_batches, msg.capture_packets,
+        msg.capture_drops, json.dumps(sensors, ensure_ascii=False, sort_keys=True),
+    )  # fmt: skip
 
 
 def _zone_traffic(msg: facts_pb2.ZoneTraffic, time_ms: int, prefix: str) -> ZoneTrafficRow:
-    zone = _text(msg.zone, f"{prefix}.zone", MAX_LABEL_LEN, required=True)
-    interface = _text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN)
+    zone = text(msg.zone, f"{prefix}.zone", MAX_LABEL_LEN, required=True)
+    interface = text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN)
     for name in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
         if getattr(msg, name) > INT64_MAX:
             raise ValidationError(
@@ -269,11 +275,11 @@ def _flow(msg: facts_pb2.Flow, time_ms: int, prefix: str, latest: int) -> FlowRo
         raise ValidationError(f"{prefix}.ip_protocol", f"must be in [0, 255], got {msg.ip_protocol}")
     addresses = []
     for name in ("local_addr", "remote_addr"):
-        text = getattr(msg, name)
+        value = getattr(msg, name)
         try:
-            addresses.append(str(ip_address(text)))
+            addresses.append(str(ip_address(value)))
         except ValueError:
-            raise ValidationError(f"{prefix}.{name}", f"is not an IP address: {text[:64]!r}") from None
+            raise ValidationError(f"{prefix}.{name}", f"is not an IP address: {value[:64]!r}") from None
     for name in ("local_port", "remote_port"):
         if getattr(msg, name) > 65535:
             raise ValidationError(f"{prefix}.{name}", f"must be in [0, 65535], got {getattr(msg, name)}")
@@ -288,14 +294,14 @@ def _flow(msg: facts_pb2.Flow, time_ms: int, prefix: str, latest: int) -> FlowRo
         raise ValidationError(f"{prefix}.start_ms", f"{msg.start_ms} is after end_ms {msg.end_ms}")
     if msg.tcp_flags > 255:
         raise ValidationError(f"{prefix}.tcp_flags", f"must be in [0, 255], got {msg.tcp_flags}")
-    remote_zone = _text(msg.remote_zone, f"{prefix}.remote_zone", MAX_LABEL_LEN)
-    interface = _text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN)
+    remote_zone = text(msg.remote_zone, f"{prefix}.remote_zone", MAX_LABEL_LEN)
+    interface = text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN)
     process = msg.process
     if process.pid < 0:
         raise ValidationError(f"{prefix}.process.pid", f"must be >= 0, got {process.pid}")
-    name = _text(process.name, f"{prefix}.process.name", MAX_LABEL_LEN)
-    user = _text(process.user, f"{prefix}.process.user", MAX_LABEL_LEN)
-    cmdline = _text(process.cmdline, f"{prefix}.process.cmdline", MAX_CMDLINE_LEN)
+    name = text(process.name, f"{prefix}.process.name", MAX_LABEL_LEN)
+    user = text(process.user, f"{prefix}.process.user", MAX_LABEL_LEN)
+    cmdline = text(process.cmdline, f"{prefix}.process.cmdline", MAX_CMDLINE_LEN)
     return FlowRow(
         time_ms, msg.ip_protocol, addresses[0], msg.local_port, addresses[1], msg.remote_port, interface,
         msg.bytes_out, msg.bytes_in, msg.packets_out, msg.packets_in, msg.start_ms, msg.end_ms,
@@ -315,7 +321,7 @@ def _check_sample(values: tuple[Any, ...], prefix: str) -> None:
     name = values[0]
     if not name:
         raise ValidationError(f"{prefix}.interface", "must not be empty")
-    _text(name, f"{prefix}.interface", MAX_INTERFACE_LEN)
+    text(name, f"{prefix}.interface", MAX_INTERFACE_LEN)
     for field, value in zip(_SAMPLE_FIELDS[1:10], values[_COUNTERS], strict=True):
         if value > INT64_MAX:
             raise ValidationError(f"{prefix}.{field}", f"{value} is out of range (at most {INT64_MAX})")

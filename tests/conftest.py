@@ -80,8 +80,14 @@ class Process:
             raise AssertionError(f"{self.args} did not stop on signal {sig}:\n{self.log()}") from None
 
 
+ENROLLING = re.compile(r"enrollment on [\d.]+:(\d+)")
+
+
 class Collector(Process):
-    def __init__(self, db: Path, port: int = 0, *extra: str) -> None:
+    """A collector in a subprocess on 127.0.0.1. Plaintext (--insecure) unless ``tls``: then it
+    serves mTLS with the PKI it finds beside ``db`` (``zonewatch-collector init`` it first)."""
+
+    def __init__(self, db: Path, port: int = 0, *extra: str, tls: bool = False) -> None:
         super().__init__(
             [
                 sys.executable,
@@ -96,11 +102,13 @@ class Collector(Process):
                 "1",
                 "--interface",
                 "lo",
+                *([] if tls else ["--insecure"]),
                 *extra,
             ]
         )
         self.db = db
         self.port = int(self.wait_for_line(LISTENING).group(1))
+        self.enroll_port = int(self.wait_for_line(ENROLLING).group(1)) if tls else 0
 
     @property
     def target(self) -> str:
@@ -177,6 +185,7 @@ def start_agent(collector_target: str, state_dir: Path, *extra: str) -> Process:
             "-m",
             "agent.cli",
             "run",
+            "--insecure",  # beside the plaintext Collector above
             "--collector",
             collector_target,
             "--state-dir",
@@ -217,9 +226,11 @@ def sample(**changes: Any) -> InterfaceSample:
 class Stream:
     """A raw Report stream, one request answered by one response."""
 
-    def __init__(self, target: str, agent_id: str, hello: bytes | None = None) -> None:
+    def __init__(
+        self, target: str, agent_id: str, hello: bytes | None = None, channel: grpc.Channel | None = None
+    ) -> None:
         self.agent_id = agent_id
-        self.channel = grpc.insecure_channel(target)
+        self.channel = channel or grpc.insecure_channel(target)
         self.requests: queue.Queue[bytes | None] = queue.Queue()
         method = self.channel.stream_stream(
             REPORT_METHOD, request_serializer=None, response_deserializer=parse_response

@@ -93,7 +93,14 @@ def test_empty_database_queries(db: Path) -> None:
 
 def test_serve_refuses_a_bad_listen_address(tmp_path: Path) -> None:
     result = run_cli(
-        "zonewatch-collector", "serve", "--db", str(tmp_path / "c.db"), "--listen", "256.1.1.1:1", check=False
+        "zonewatch-collector",
+        "serve",
+        "--db",
+        str(tmp_path / "c.db"),
+        "--listen",
+        "256.1.1.1:1",
+        "--insecure",
+        check=False,
     )
     assert "cannot listen" in result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2

@@ -138,6 +138,13 @@ class FlowMonitor:
                         into[i] += value
         return {zone: ZoneCounters(*values) for zone, values in totals.items()}
 
+    def capture_totals(self) -> tuple[int, int]:
+        """(packets received, dropped) over every engine open now; the kernel's counts, read now."""
+        with self._lock:
+            engines = list(self.engines.values())
+        stats = [e.stats() for e in engines]
+        return sum(s.received for s in stats), sum(s.dropped for s in stats)
+
     def sampling(self) -> int:
         """The highest sampling rate N (1 in N) any engine runs at now; 1 when all see everything."""
         with self._lock:

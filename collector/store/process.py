@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import marshal
 import multiprocessing
+import sqlite3
 from dataclasses import astuple, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,7 +32,9 @@ from collector.model import (
     ValidBatch,
     ZoneTrafficRow,
 )
+from collector.store import enrollment
 from collector.store.database import open_database
+from collector.store.incidents import Raise, raise_incidents
 from collector.store.retention import Maintenance, MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected, Writer
 
@@ -95,11 +98,39 @@ def _serve(conn: Connection, db_path: str) -> None:
                     outcomes = writer.commit([_decode_item(i) for i in args[0]])
                     reply("ok", [_encode_outcome(o) for o in outcomes])
                 elif op == "register":
-                    fields, now_ms = args
+                    fields, now_ms, enrolled = args
                     hello = AgentHello(
                         fields[0], fields[1], fields[2], HostLabels(*fields[3]), fields[4], fields[5]
                     )
-                    reply("ok", writer.register(hello, now_ms))
+                    reply("ok", writer.register(hello, now_ms, enrolled=enrolled))
+                elif op == "enroll":
+                    token_hash, fields = args
+                    try:
+                        done = enrollment.redeem(db, token_hash, **fields)
+                    except enrollment.TokenRefused as exc:
+                        reply("ok", ("refused", str(exc)))
+                    else:
+                        writer.reload_agent(fields["agent_id"], forget=done.replaced_agent_id)
+                        reply("ok", ("enrolled", done.key, tuple(done.labels), done.replaced_agent_id))
+                elif op == "renew":
+                    try:
+                        enrollment.record_renewal(db, *args[:3], now_ms=args[3], not_after_ms=args[4])
+                    except enrollment.TokenRefused as exc:
+                        reply("ok", ("refused", str(exc)))
+                    else:
+                        reply("ok", ("renewed",))
+                elif op == "certificate":
+                    status = enrollment.certificate_status(db, args[0])
+                    reply("ok", None if status is None else tuple(status))
+                elif op == "incident":
+                    try:
+                        with writer.transaction():
+                            raise_incidents(db, [Raise(*args[0])])
+                    except sqlite3.Error as exc:
+                        raise StoreError(f"cannot store the incident: {exc}") from exc
+                    reply("ok", None)
+                elif op == "revocations":
+                    reply("ok", [tuple(r) for r in enrollment.revocations_since(db, args[0])])
                 elif op == "catalog":
                     writer.store_catalog(*args)
                     reply("ok", None)
@@ -144,6 +175,10 @@ class WriterProcess:
         child.close()
         self.receive()  # wait until the database is open (or report why not)
 
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
     def _died(self, exc: BaseException) -> StoreError:
         self._process.join(1.0)
         return StoreError(f"the database writer process stopped (exit code {self._process.exitcode})")
@@ -173,8 +208,8 @@ class WriterProcess:
         return [_decode_outcome(o) for o in value]
 
     @staticmethod
-    def register_request(hello: AgentHello, now_ms: int) -> tuple[Any, ...]:
-        return ("register", (*hello[:3], tuple(hello.labels), *hello[4:]), now_ms)
+    def register_request(hello: AgentHello, now_ms: int, enrolled: bool = False) -> tuple[Any, ...]:
+        return ("register", (*hello[:3], tuple(hello.labels), *hello[4:]), now_ms, enrolled)
 
     @staticmethod
     def catalog_request(zones: list[CatalogRow], version: str, now_ms: int) -> tuple[Any, ...]:

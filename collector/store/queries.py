@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from collector.errors import QueryError, StoreError
 from collector.model import MAX_BATCH_SPAN_MS
 from collector.store.retention import INTERFACES, RAW, ReadPlan, read_plan
+from collector.store.sql import translated
 
 # An agent id prefix shorter than this matches too much to be a useful handle.
 MIN_PREFIX = 4
@@ -76,14 +77,6 @@ class BandwidthRow(NamedTuple):
 
 
 @contextmanager
-def _translated(what: str) -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot {what}: {exc}") from exc
-
-
-@contextmanager
 def snapshot(db: sqlite3.Connection) -> Iterator[None]:
     """Run several SELECTs against one consistent view, even while the writer commits."""
     if db.in_transaction:
@@ -111,7 +104,7 @@ def list_agents(
     db: sqlite3.Connection, now_ms: int, stale_after_ms: int, offline_after_ms: int
 ) -> list[AgentRow]:
     """Every enrolled agent with its status, by department, county and hostname."""
-    with _translated("list agents"):
+    with translated("list agents"):
         rows = db.execute(
             "SELECT agent_id, hostname, department, county, site, role, agent_version,"
             " policy_version, first_seen_ms, last_seen_ms, last_seq, clock_skew_ms,"
@@ -150,7 +143,7 @@ def resolve_agent(db: sqlite3.Connection, text: str) -> int:
     then an id prefix of at least MIN_PREFIX characters.
     """
     handle = text.strip()
-    with _translated("look up agent"):
+    with translated("look up agent"):
         exact = db.execute("SELECT id FROM agents WHERE agent_id = ?", (handle,)).fetchone()
         if exact is not None:
             return int(exact[0])
@@ -274,7 +267,7 @@ def bandwidth(
     if top is not None and top < 1:
         raise QueryError(f"top must be at least 1, not {top}")
     rows: list[BandwidthRow] = []
-    with _translated("query bandwidth"), snapshot(db):
+    with translated("query bandwidth"), snapshot(db):
         plan = read_plan(db, INTERFACES, since_ms, until_ms)
         sql = "SELECT id, agent_id, hostname, department, county FROM agents"
         found = db.execute(sql + " WHERE id = ?", (agent,)) if agent is not None else db.execute(sql)

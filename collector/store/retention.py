@@ -32,14 +32,14 @@ the recorded horizon rounded up to the tier's buckets.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
 from collector.model import SAMPLE_COLUMNS
+from collector.store.sql import transaction
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -251,7 +251,7 @@ class Maintenance:
         """Count up to budget raw rows after the cursor; (rows, caught up)."""
         db = self._db
         sql = _SQL[src.table]
-        with _transaction(db):
+        with transaction(db):
             rolled = self._rolled_id(src)
             first, top = db.execute(
                 f"SELECT (SELECT min(id) FROM {src.table} WHERE id > ?), (SELECT max(id) FROM {src.table})",
@@ -302,7 +302,7 @@ class Maintenance:
     def _prune_samples(self, before_ms: int, budget: int, counts: dict[str, int]) -> tuple[int, bool]:
         """Delete the samples of batches wholly older than before_ms; (samples, all done)."""
         db = self._db
-        with _transaction(db):
+        with transaction(db):
             found = db.execute(
                 "SELECT agent, seq, first_sample, last_sample, last_ms FROM batches"
                 " WHERE first_sample IS NOT NULL AND last_ms < ? AND last_sample <= ?"
@@ -336,7 +336,7 @@ class Maintenance:
     def _prune_zone_traffic(self, before_ms: int, budget: int) -> tuple[int, bool]:
         db = self._db
         oldest = " FROM zone_traffic WHERE time_ms < ? AND id <= ? ORDER BY time_ms LIMIT ?"
-        with _transaction(db):
+        with transaction(db):
             params = (before_ms, self._rolled_id(ZONES), budget)
             # The newest of the rows about to go: the same whichever of equal times the LIMIT takes.
             (newest,) = db.execute(f"SELECT max(time_ms) FROM (SELECT time_ms{oldest})", params).fetchone()
@@ -349,7 +349,7 @@ class Maintenance:
 
     def _prune_flows(self, before_ms: int, budget: int) -> tuple[int, bool]:
         """Flows have no rollups: delete the oldest raw rows, a bounded batch at a time."""
-        with _transaction(self._db):
+        with transaction(self._db):
             deleted = self._db.execute(
                 "DELETE FROM flows WHERE id IN"
                 " (SELECT id FROM flows WHERE time_ms < ? ORDER BY time_ms LIMIT ?)",
@@ -371,7 +371,7 @@ class Maintenance:
         """Delete rollup buckets that ended before before_ms, oldest first."""
         sql = _SQL[src.table]
         params = {"resolution": resolution, "before": before_ms - resolution, "limit": budget}
-        with _transaction(self._db):
+        with transaction(self._db):
             (newest,) = self._db.execute(sql.newest_pruned_bucket, params).fetchone()
             if newest is None:
                 return 0, True
@@ -486,16 +486,3 @@ def _upsert_rows(
             saturated += 1
         rows.append((resolution, *group[: keys + 1], *values, *group[keys + 2 + sums :]))
     return rows, saturated
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")

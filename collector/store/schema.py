@@ -307,6 +307,75 @@ CROSS JOIN (SELECT CAST(strftime('%s', 'now') AS INTEGER) * 1000 AS now_ms);
 ALTER TABLE interface_rollups ADD COLUMN speed_bps INTEGER NOT NULL DEFAULT 0;
 """
 
+TRUST = """
+-- Enrollment (collector/enrollment.py): one-time, expiring tokens bound to host labels; only
+-- their SHA-256 is stored, the token itself is shown once.
+CREATE TABLE enrollment_tokens (
+    id INTEGER PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    department TEXT NOT NULL,
+    county TEXT NOT NULL,
+    site TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    uses_left INTEGER NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 0,
+    revoked_ms INTEGER,
+    note TEXT NOT NULL DEFAULT ''
+);
+-- Every client certificate issued; an agent may hold several (renewal overlaps). A stream is
+-- admitted only with a certificate listed here, not revoked, of the agent it names.
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY,
+    agent INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    issued_ms INTEGER NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    reason TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+CREATE INDEX certificates_by_agent ON certificates (agent);
+-- Revocations in order: the running collector reads the new ones every half second and ends
+-- the streams they concern, so a revocation takes effect without a restart.
+CREATE TABLE revocations (
+    id INTEGER PRIMARY KEY,
+    serial TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    revoked_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+ALTER TABLE agents ADD COLUMN machine_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN enrolled_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN revoked_ms INTEGER;
+-- Set by `agents rename`: the name an operator chose is kept over the hostname agents report.
+ALTER TABLE agents ADD COLUMN name_locked INTEGER NOT NULL DEFAULT 0;
+-- From the newest health report, beside cpu_percent and rss_bytes: the agent's own backlog and
+-- what its capture saw and lost (`zonewatch-collector health`).
+ALTER TABLE agents ADD COLUMN spool_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN spool_batches INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN capture_packets INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN capture_drops INTEGER NOT NULL DEFAULT 0;
+-- Incidents the collector raises about the fleet itself (sequence gaps, cloned identities); the
+-- rule engine's incidents join them. One row per (rule, dedup_key) and lifecycle.
+CREATE TABLE incidents (
+    id INTEGER PRIMARY KEY,
+    rule TEXT NOT NULL,
+    dedup_key TEXT NOT NULL,
+    agent INTEGER,
+    severity TEXT NOT NULL CHECK (severity IN ('informational', 'low', 'medium', 'high', 'critical')),
+    status TEXT NOT NULL DEFAULT 'open'
+        CHECK (status IN ('open', 'acknowledged', 'resolved', 'false_positive')),
+    title TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1,
+    evidence TEXT NOT NULL
+);
+CREATE INDEX incidents_by_key ON incidents (rule, dedup_key, status);
+CREATE INDEX incidents_by_time ON incidents (last_seen_ms);
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
@@ -315,6 +384,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("flows", FLOWS),
     ("agent health on the agents row", AGENT_HEALTH),
     ("reading the rollups: how far pruning has gone, link speed in interface rollups", READS),
+    ("trust: enrollment tokens, certificates, revocations, incidents", TRUST),
 ]
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from collector.errors import StoreError
 from collector.model import AgentHello, CatalogRow, FlowRow, Settled, ValidBatch
+from collector.store.incidents import AGENT_CLONE, SEQUENCE_GAP, Raise, raise_incidents
 
 
 class Rejected(NamedTuple):
@@ -67,20 +68,28 @@ class Writer:
         state = self._agents.get(agent_id)
         return state.last_seq if state else 0
 
-    def register(self, hello: AgentHello, now_ms: int) -> int:
-        """Create or update the agent's row; return its highest settled sequence."""
+    def register(self, hello: AgentHello, now_ms: int, *, enrolled: bool = False) -> int:
+        """Create or update the agent's row; return its highest settled sequence.
+
+        An ``enrolled`` agent (known by its certificate) keeps the labels its enrollment token
+        gave it: the hello's labels are the host's claim, not the collector's record. A name an
+        operator set (``agents rename``) is kept either way.
+        """
         labels = hello.labels
+        keep = "agents." if enrolled else "excluded."
         try:
             with self._transaction():
                 self._db.execute(
-                    """
+                    f"""
                     INSERT INTO agents (agent_id, hostname, agent_version, department, county, site, role,
                                         policy_version, first_seen_ms, last_seen_ms, clock_skew_ms)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                     ON CONFLICT (agent_id) DO UPDATE SET
-                        hostname = excluded.hostname, agent_version = excluded.agent_version,
-                        department = excluded.department, county = excluded.county,
-                        site = excluded.site, role = excluded.role,
+                        hostname = CASE WHEN agents.name_locked THEN agents.hostname
+                                        ELSE excluded.hostname END,
+                        agent_version = excluded.agent_version,
+                        department = {keep}department, county = {keep}county,
+                        site = {keep}site, role = {keep}role,
                         policy_version = excluded.policy_version,
                         last_seen_ms = excluded.last_seen_ms, clock_skew_ms = excluded.clock_skew_ms
                     """,
@@ -106,6 +115,20 @@ class Writer:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot register agent {hello.agent_id}: {exc}") from exc
         return self._agents[hello.agent_id].last_seq
+
+    def reload_agent(self, agent_id: str, *, forget: str = "") -> None:
+        """Take the agent's row as it is now in the database (enrollment changed it), and forget
+        the id it replaced (that key's certificates are revoked; it never reports again)."""
+        if forget:
+            self._agents.pop(forget, None)
+        try:
+            row = self._db.execute(
+                "SELECT id, last_seq FROM agents WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read agent {agent_id}: {exc}") from exc
+        if row is not None:
+            self._agents[agent_id] = _AgentState(row[0], row[1])
 
     def store_catalog(self, zones: list[CatalogRow], version: str, now_ms: int) -> None:
         """Replace the stored zone catalog with these rows."""
@@ -148,6 +171,7 @@ class Writer:
         batch_rows: list[tuple[object, ...]] = []
         gaps: list[tuple[int, int, int, int]] = []
         refused: list[Rejected] = []
+        raised: list[Raise] = []
         settled_now: set[tuple[str, int]] = set()
         series = self._series
         new_series: dict[tuple[int, str], int] = {}
@@ -196,6 +220,19 @@ class Writer:
                     )
                     refused.append(reject)
                     outcomes.append(reject)
+                    raised.append(
+                        Raise(
+                            AGENT_CLONE,
+                            item.agent_id,
+                            state.key,
+                            "high",
+                            f"agent {item.agent_id[:12]} sent sequence {seq} again after {last}: a cloned "
+                            "host or a restored agent state",
+                            {"agent_id": item.agent_id, "seq": seq, "highest_settled": last,
+                             "evidence": "sequence went backwards"},
+                            item.received_ms,
+                        )
+                    )  # fmt: skip
                 continue
             gap_from, gap_to = (last + 1, seq - 1) if seq > last + 1 else (0, 0)
             if gap_from:
@@ -233,7 +270,10 @@ class Writer:
             flow_rows.extend([(key, seq, *row) for row in item.flow_rows])
             for h in item.health_rows:
                 if key not in health or h.time_ms >= int(health[key][0]):  # type: ignore[call-overload]
-                    health[key] = (h.time_ms, h.cpu_percent, h.rss_bytes, h.sensors, key, h.time_ms)
+                    health[key] = (
+                        h.time_ms, h.cpu_percent, h.rss_bytes, h.spool_bytes, h.spool_batches,
+                        h.capture_packets, h.capture_drops, h.sensors, key, h.time_ms,
+                    )  # fmt: skip
             settled_now.add((item.agent_id, seq))
             seen[item.agent_id] = (seq, item.received_ms, item.sent_ms - item.received_ms)
             outcomes.append(Settled(seq, False, gap_from, gap_to))
@@ -257,12 +297,16 @@ class Writer:
                     db.executemany(_INSERT_FLOWS, flow_rows)
                 if health:
                     db.executemany(
-                        "UPDATE agents SET health_ms = ?, cpu_percent = ?, rss_bytes = ?, sensors = ?"
+                        "UPDATE agents SET health_ms = ?, cpu_percent = ?, rss_bytes = ?, spool_bytes = ?,"
+                        " spool_batches = ?, capture_packets = ?, capture_drops = ?, sensors = ?"
                         " WHERE id = ? AND health_ms <= ?",  # a replayed old report does not win
                         list(health.values()),
                     )
                 if gaps:
                     db.executemany("INSERT INTO sequence_gaps VALUES (?, ?, ?, ?)", gaps)
+                    raised.extend(self._gap_incidents(gaps))
+                if raised:
+                    raise_incidents(db, raised)
                 if refused:
                     db.executemany(
                         "INSERT INTO rejections (agent_id, seq, received_ms, code, field, message, peer) "
@@ -285,11 +329,35 @@ class Writer:
         self._next_sample = next_id
         return outcomes
 
+    def _gap_incidents(self, gaps: list[tuple[int, int, int, int]]) -> list[Raise]:
+        ids = {state.key: agent_id for agent_id, state in self._agents.items()}
+        return [
+            Raise(
+                SEQUENCE_GAP,
+                ids.get(key, str(key)),
+                key,
+                "medium",
+                f"agent {ids.get(key, str(key))[:12]}: batches {first}..{last} never arrived",
+                {
+                    "agent_id": ids.get(key, ""),
+                    "from_seq": first,
+                    "to_seq": last,
+                    "missing": last + 1 - first,
+                },
+                detected,
+            )
+            for key, first, last, detected in gaps
+        ]
+
     def _has_batch(self, key: int, seq: int) -> bool:
         row = self._db.execute("SELECT 1 FROM batches WHERE agent = ? AND seq = ?", (key, seq)).fetchone()
         return row is not None
 
     def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def transaction(self) -> _Transaction:
+        """BEGIN IMMEDIATE ... COMMIT for a write of another module (store/process.py's small ops)."""
         return _Transaction(self._db)
 
 

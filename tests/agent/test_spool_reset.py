@@ -53,7 +53,9 @@ async def deliver(target: str, spool: Spool) -> None:
 
 def test_wiped_spool_is_renumbered_past_what_the_collector_holds(tmp_path: Path) -> None:
     async def scenario() -> None:
-        collector = await create_server(CollectorConfig(db_path=tmp_path / "c.db", listen="127.0.0.1:0"))
+        collector = await create_server(
+            CollectorConfig(db_path=tmp_path / "c.db", listen="127.0.0.1:0", insecure=True)
+        )
         target = f"127.0.0.1:{collector.port}"
         try:
             with Spool(tmp_path / "spool-1.db") as first:

@@ -76,7 +76,9 @@ def free_port() -> int:
 
 
 async def start_collector(db: Path, port: int = 0, policy: AgentPolicy | None = None) -> Collector:
-    config = CollectorConfig(db_path=db, listen=f"127.0.0.1:{port}", policy=policy or AgentPolicy())
+    config = CollectorConfig(
+        db_path=db, listen=f"127.0.0.1:{port}", policy=policy or AgentPolicy(), insecure=True
+    )
     return await create_server(config)
 
 

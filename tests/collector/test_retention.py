@@ -706,7 +706,11 @@ def test_a_running_collector_keeps_acking_while_maintenance_catches_up(tmp_path:
         )
     db.close()
     config = CollectorConfig(
-        db_path=path, listen="127.0.0.1:0", maintenance_interval_s=0.05, maintenance_budget_rows=2000
+        db_path=path,
+        listen="127.0.0.1:0",
+        insecure=True,
+        maintenance_interval_s=0.05,
+        maintenance_budget_rows=2000,
     )
     acks: list[tuple[int, float, int]] = []  # (seq, seconds to ack, maintenance steps done when acked)
 

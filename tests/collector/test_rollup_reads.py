@@ -421,7 +421,14 @@ def test_a_database_pruned_before_the_horizons_were_recorded_still_reads_exactly
     # What that older collector left: the same tables, without the horizons and the link speeds.
     db.executescript(
         "DROP TABLE retention_horizons; ALTER TABLE interface_rollups DROP COLUMN speed_bps;"
-        " DELETE FROM schema_migrations WHERE version = 6;"
+        # The later steps (independent of this one) are undone too, so that migrate runs step 6 again.
+        " DROP TABLE enrollment_tokens; DROP TABLE certificates; DROP TABLE revocations;"
+        " DROP TABLE incidents; ALTER TABLE agents DROP COLUMN machine_id;"
+        " ALTER TABLE agents DROP COLUMN enrolled_ms; ALTER TABLE agents DROP COLUMN revoked_ms;"
+        " ALTER TABLE agents DROP COLUMN name_locked; ALTER TABLE agents DROP COLUMN spool_bytes;"
+        " ALTER TABLE agents DROP COLUMN spool_batches; ALTER TABLE agents DROP COLUMN capture_packets;"
+        " ALTER TABLE agents DROP COLUMN capture_drops;"
+        " DELETE FROM schema_migrations WHERE version >= 6;"
     )
     db.close()
     started = now_ms() // 1000 * 1000

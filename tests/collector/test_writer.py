@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -262,6 +263,26 @@ def test_a_gap_is_recorded_and_reported(writer: Writer, path: Path) -> None:
     assert writer.commit([batch(4, received_ms=NOW + 7)]) == [Settled(4, False, 2, 3)]
     assert peek(path, "SELECT from_seq, to_seq, detected_ms FROM sequence_gaps") == [(2, 3, NOW + 7)]
     assert writer.last_seq(AGENT) == 4
+
+
+def test_gaps_raise_one_incident_per_agent_that_counts_them(writer: Writer, path: Path) -> None:
+    writer.commit([batch(1), batch(4, received_ms=NOW + 7)])
+    writer.commit([batch(10, received_ms=NOW + 9)])
+    ((rule, key, severity, status, count, first, last, evidence),) = peek(
+        path,
+        "SELECT rule, dedup_key, severity, status, count, first_seen_ms, last_seen_ms, evidence"
+        " FROM incidents",
+    )
+    assert (rule, key, severity, status, count) == ("zonewatch.sequence_gap", AGENT, "medium", "open", 2)
+    assert (first, last) == (NOW + 7, NOW + 9)
+    assert json.loads(evidence) == {"agent_id": AGENT, "from_seq": 5, "to_seq": 9, "missing": 5}
+
+
+def test_a_sequence_going_backwards_raises_a_clone_incident(writer: Writer, path: Path) -> None:
+    writer.commit([batch(1), batch(4)])
+    writer.commit([batch(2, received_ms=NOW + 9)])
+    rules = peek(path, "SELECT rule, severity, count FROM incidents ORDER BY rule")
+    assert rules == [("zonewatch.agent_clone", "high", 1), ("zonewatch.sequence_gap", "medium", 1)]
 
 
 def test_a_gap_inside_one_group_is_recorded(writer: Writer, path: Path) -> None:

@@ -22,17 +22,35 @@ pytestmark = pytest.mark.netns
 ETHERNET_HEADER = 14  # veth counters count it; nftables counts IP bytes
 
 
-def start_collector(central: Host, db: Path, zones: Path) -> tuple[subprocess.Popen[Any], str]:
-    """A collector on the extranet serving the catalog; returns it and its HOST:PORT once it runs."""
+def start_collector(
+    central: Host, db: Path, zones: Path, *, tls: bool = False
+) -> tuple[subprocess.Popen[Any], str]:
+    """A collector on the extranet serving the catalog; returns it and its HOST:PORT once it runs.
+    With ``tls`` it first creates its PKI and serves mTLS (enroll agents with ``enroll``)."""
     listen = f"{central.addr4['extranet']}:7390"
+    if tls:
+        central.python("-m", "collector.cli", "init", "--db", str(db))
     collector = central.popen(
         sys.executable, "-m", "collector.cli", "serve", "--db", str(db), "--listen", listen,
-        "--zones", str(zones), "--sample-interval", "1",
+        "--zones", str(zones), "--sample-interval", "1", *([] if tls else ["--insecure"]),
     )  # fmt: skip
     deadline = time.monotonic() + 20
     while not db.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
+    time.sleep(0.5)  # the ports are bound right after the database is opened
     return collector, listen
+
+
+def enroll(
+    host: Host, central: Host, db: Path, listen: str, state: Path, hostname: str, **labels: str
+) -> None:
+    """What an admin does: a token on the collector, then the printed `zonewatch-agent enroll` on the host."""
+    flags = [part for name, value in labels.items() for part in (f"--{name}", value)]
+    created = central.python(
+        "-m", "collector.cli", "tokens", "create", "--db", str(db), "--collector", listen, *flags
+    ).stdout  # fmt: skip
+    (command,) = [line.split() for line in created.splitlines() if "zonewatch-agent enroll" in line]
+    host.python("-m", "agent.cli", *command[1:], "--state-dir", str(state), "--hostname", hostname)
 
 
 def ticks(db: Path) -> tuple[int, int]:
@@ -89,11 +107,14 @@ def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agen
         peer_extranet = net.add_host("pext", "extranet")
         peer_dedicated = net.add_host("pded", "dedicated")
         peer_internet = net.add_host("pnet", "internet")
-        collector, listen = start_collector(central, db, zones)
+        collector, listen = start_collector(central, db, zones, tls=True)
+        # Enrolled with a token: every report after this is mTLS, the labels come from the token.
+        enroll(
+            host, central, db, listen, tmp_path / "agent", "ga-ws-01", department="市公安局", county="高新区"
+        )
         agent = host.popen(
-            sys.executable, "-m", "agent.cli", "run", "--collector", listen, "--interval", "1",
-            "--state-dir", str(tmp_path / "agent"), "--department", "市公安局", "--county", "高新区",
-            "--hostname", "ga-ws-01",
+            sys.executable, "-m", "agent.cli", "run", "--interval", "1",
+            "--state-dir", str(tmp_path / "agent"), "--hostname", "ga-ws-01",
         )  # fmt: skip
         first = next_tick(db, 0, timeout=30)
         # Align on a tick: read the interfaces right after the agent read its counters.
@@ -173,7 +194,7 @@ def test_without_nftables_the_capture_counts_every_byte_per_zone(tmp_path: Path)
         collector, listen = start_collector(central, db, zones)
         agent = host.popen(
             sys.executable, "-m", "agent.cli", "run", "--collector", listen, "--interval", "1",
-            "--state-dir", str(tmp_path / "agent"), "--hostname", "no-nft-01", env=env,
+            "--state-dir", str(tmp_path / "agent"), "--hostname", "no-nft-01", "--insecure", env=env,
         )  # fmt: skip
         first = next_tick(db, 0, timeout=30)
         t0 = next_tick(db, first)
@@ -248,8 +269,8 @@ def test_flows_name_the_program_still_using_the_dedicated_network(tmp_path: Path
         peer = net.add_host("pded", "dedicated")
         _, listen = start_collector(central, db, zones)
         agent = host.popen(
-            sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--collector", listen,
-            "--state-dir", str(tmp_path / "agent"), "--hostname", "ga-ws-02",
+            sys.executable, "-m", "agent.cli", "run", "--insecure", "--config", str(config),
+            "--collector", listen, "--state-dir", str(tmp_path / "agent"), "--hostname", "ga-ws-02",
         )  # fmt: skip
         next_tick(db, 0, timeout=30)  # the agent runs, with the catalog
         server = peer.addr4["dedicated"]

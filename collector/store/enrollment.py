@@ -1,0 +1,276 @@
+"""Trust in the database: enrollment tokens, the certificates issued, revocations.
+
+Who calls what: the CLI creates and revokes tokens, revokes and renames agents (short
+transactions of its own beside the running collector: WAL and busy_timeout make that safe);
+the writer process redeems tokens and records renewals (store/process.py), because it keeps
+the agents' sequence state in memory and a re-enrolment changes it. Only hashes of tokens
+are stored. Times are milliseconds since the epoch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+from collector.errors import CollectorError, QueryError, StoreError
+from collector.model import HostLabels
+from collector.store.sql import transaction, translated
+
+_INSERT_CERTIFICATE = (
+    "INSERT INTO certificates (serial, agent, agent_id, issued_ms, not_after_ms) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+class TokenRefused(CollectorError):
+    """The token cannot enroll anyone: unknown, expired, used up or revoked (said which)."""
+
+
+class TokenRow(NamedTuple):
+    id: int
+    department: str
+    county: str
+    site: str
+    role: str
+    created_ms: int
+    expires_ms: int
+    uses_left: int
+    uses: int
+    status: str  # "active", "expired", "used", "revoked"
+    note: str
+
+
+class Enrolled(NamedTuple):
+    """What a redeemed token did."""
+
+    key: int  # agents.id
+    labels: HostLabels
+    # The agent id this host had before (a reinstalled agent with a new key), "" when new.
+    replaced_agent_id: str
+
+
+class CertificateStatus(NamedTuple):
+    agent_id: str
+    revoked: bool
+
+
+class Revocation(NamedTuple):
+    id: int
+    serial: str
+    agent_id: str
+    reason: str
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection, what: str) -> Iterator[None]:
+    with translated(what), transaction(db):
+        yield
+
+
+def create_token(
+    db: sqlite3.Connection,
+    token_hash: str,
+    labels: HostLabels,
+    *,
+    now_ms: int,
+    expires_ms: int,
+    uses: int,
+    note: str = "",
+) -> int:
+    if uses < 1:
+        raise QueryError(f"a token must allow at least one use, not {uses}")
+    if expires_ms <= now_ms:
+        raise QueryError("a token must expire in the future")
+    with _transaction(db, "create the token"):
+        cursor = db.execute(
+            "INSERT INTO enrollment_tokens (token_hash, department, county, site, role, created_ms,"
+            " expires_ms, uses_left, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (token_hash, *labels, now_ms, expires_ms, uses, note),
+        )
+    return int(cursor.lastrowid or 0)
+
+
+def list_tokens(db: sqlite3.Connection, now_ms: int, *, all_tokens: bool = False) -> list[TokenRow]:
+    """Newest first; only the usable ones unless ``all_tokens``."""
+    try:
+        rows = db.execute(
+            "SELECT id, department, county, site, role, created_ms, expires_ms, uses_left, uses,"
+            " revoked_ms, note FROM enrollment_tokens ORDER BY id DESC"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot list tokens: {exc}") from exc
+    tokens = []
+    for token_id, department, county, site, role, created, expires, left, uses, revoked, note in rows:
+        status = _token_status(revoked, expires, left, now_ms)
+        if all_tokens or status == "active":
+            tokens.append(
+                TokenRow(token_id, department, county, site, role, created, expires, left, uses, status, note)
+            )
+    return tokens
+
+
+def revoke_token(db: sqlite3.Connection, token_id: int, now_ms: int) -> None:
+    with _transaction(db, "revoke the token"):
+        changed = db.execute(
+            "UPDATE enrollment_tokens SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL",
+            (now_ms, token_id),
+        ).rowcount
+        if not changed:
+            exists = db.execute("SELECT 1 FROM enrollment_tokens WHERE id = ?", (token_id,)).fetchone()
+            raise QueryError(f"token {token_id} " + ("is already revoked" if exists else "does not exist"))
+
+
+def redeem(
+    db: sqlite3.Connection,
+    token_hash: str,
+    *,
+    now_ms: int,
+    agent_id: str,
+    hostname: str,
+    machine_id: str,
+    agent_version: str,
+    serial: str,
+    not_after_ms: int,
+) -> Enrolled:
+    """Use the token once and enrol the agent with its first certificate, in one transaction.
+
+    A host enrolling again (the agent reinstalled, its key new) is recognised by its machine id
+    and hostname: it takes over its old record (history, labels from the new token) under its
+    new agent id, its sequence starts again, and its old certificates are revoked. Without a
+    machine id a new record is made.
+    """
+    with _transaction(db, "enroll the agent"):
+        token = db.execute(
+            "SELECT id, department, county, site, role, expires_ms, uses_left, revoked_ms"
+            " FROM enrollment_tokens WHERE token_hash = ?",
+            (token_hash,),
+        ).fetchone()
+        if token is None:
+            raise TokenRefused("unknown enrollment token")
+        token_id, *label_values, expires_ms, uses_left, revoked_ms = token
+        status = _token_status(revoked_ms, expires_ms, uses_left, now_ms)
+        if status != "active":
+            raise TokenRefused(f"the enrollment token is {status}")
+        labels = HostLabels(*label_values)
+        db.execute(
+            "UPDATE enrollment_tokens SET uses_left = uses_left - 1, uses = uses + 1 WHERE id = ?",
+            (token_id,),
+        )
+        replaced = ""
+        row = db.execute("SELECT id FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+        if row is None and machine_id:
+            row = db.execute(
+                "SELECT id, agent_id FROM agents WHERE machine_id = ? AND hostname = ?"
+                " ORDER BY last_seen_ms DESC LIMIT 1",
+                (machine_id, hostname),
+            ).fetchone()
+            if row is not None:
+                replaced = row[1]
+        if row is None:
+            cursor = db.execute(
+                "INSERT INTO agents (agent_id, hostname, agent_version, department, county, site, role,"
+                " first_seen_ms, last_seen_ms, machine_id, enrolled_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (agent_id, hostname, agent_version, *labels, now_ms, now_ms, machine_id, now_ms),
+            )
+            key = int(cursor.lastrowid or 0)
+        else:
+            key = int(row[0])
+            db.execute(
+                "UPDATE agents SET agent_id = ?, agent_version = ?, department = ?, county = ?, site = ?,"
+                " role = ?, machine_id = ?, enrolled_ms = ?, revoked_ms = NULL,"
+                " hostname = CASE WHEN name_locked THEN hostname ELSE ? END,"
+                # A new key is a new agent: its spool, and so its sequence, start afresh.
+                " last_seq = CASE WHEN agent_id = ? THEN last_seq ELSE 0 END"
+                " WHERE id = ?",
+                (agent_id, agent_version, *labels, machine_id, now_ms, hostname, agent_id, key),
+            )
+            if replaced:
+                _revoke_certificates(db, key, now_ms, f"host re-enrolled as {agent_id}")
+        db.execute(
+            _INSERT_CERTIFICATE,
+            (serial, key, agent_id, now_ms, not_after_ms),
+        )
+    return Enrolled(key, labels, replaced)
+
+
+def record_renewal(
+    db: sqlite3.Connection, agent_id: str, old_serial: str, serial: str, *, now_ms: int, not_after_ms: int
+) -> None:
+    """A fresh certificate for an admitted agent; the old one stays valid until it expires."""
+    with _transaction(db, "record the renewed certificate"):
+        row = db.execute(
+            "SELECT agent, revoked_ms FROM certificates WHERE serial = ? AND agent_id = ?",
+            (old_serial, agent_id),
+        ).fetchone()
+        if row is None or row[1] is not None:
+            raise TokenRefused("the presented certificate is unknown or revoked: enroll again")
+        db.execute(
+            _INSERT_CERTIFICATE,
+            (serial, row[0], agent_id, now_ms, not_after_ms),
+        )
+
+
+def certificate_status(db: sqlite3.Connection, serial: str) -> CertificateStatus | None:
+    """The agent a certificate was issued to and whether it is revoked; None when never issued here."""
+    try:
+        row = db.execute(
+            "SELECT agent_id, revoked_ms FROM certificates WHERE serial = ?", (serial,)
+        ).fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot look up certificate {serial}: {exc}") from exc
+    return None if row is None else CertificateStatus(row[0], row[1] is not None)
+
+
+def revocations_since(db: sqlite3.Connection, after_id: int) -> list[Revocation]:
+    try:
+        return [
+            Revocation(*row)
+            for row in db.execute(
+                "SELECT id, serial, agent_id, reason FROM revocations WHERE id > ? ORDER BY id", (after_id,)
+            )
+        ]
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read revocations: {exc}") from exc
+
+
+def revoke_agent(db: sqlite3.Connection, key: int, now_ms: int, reason: str) -> int:
+    """Revoke every certificate of the agent (agents.id); return how many were still valid."""
+    with _transaction(db, "revoke the agent"):
+        count = _revoke_certificates(db, key, now_ms, reason)
+        db.execute("UPDATE agents SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL", (now_ms, key))
+    return count
+
+
+def rename_agent(db: sqlite3.Connection, key: int, name: str) -> None:
+    name = name.strip()
+    if not name or len(name) > 253 or any(ord(c) < 32 for c in name):
+        raise QueryError("a name must be 1 to 253 printable characters")
+    with _transaction(db, "rename the agent"):
+        db.execute("UPDATE agents SET hostname = ?, name_locked = 1 WHERE id = ?", (name, key))
+
+
+def _revoke_certificates(db: sqlite3.Connection, key: int, now_ms: int, reason: str) -> int:
+    valid = db.execute(
+        "SELECT serial, agent_id FROM certificates WHERE agent = ? AND revoked_ms IS NULL", (key,)
+    ).fetchall()
+    db.executemany(
+        "UPDATE certificates SET revoked_ms = ?, reason = ? WHERE serial = ?",
+        [(now_ms, reason, serial) for serial, _ in valid],
+    )
+    db.executemany(
+        "INSERT INTO revocations (serial, agent_id, revoked_ms, reason) VALUES (?, ?, ?, ?)",
+        [(serial, agent_id, now_ms, reason) for serial, agent_id in valid],
+    )
+    return len(valid)
+
+
+def _token_status(revoked_ms: int | None, expires_ms: int, uses_left: int, now_ms: int) -> str:
+    if revoked_ms is not None:
+        return "revoked"
+    if uses_left <= 0:
+        return "used"
+    if expires_ms <= now_ms:
+        return "expired"
+    return "active"
