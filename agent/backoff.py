@@ -30,10 +30,12 @@ class Backoff:
         self._base = initial_s
         self.attempts = 0
 
-    def next_delay(self) -> float:
-        """The delay before the next attempt; grows until reset()."""
-        base = self._base
-        self._base = min(self._maximum, self._base * self._multiplier)
+    def next_delay(self, cap_s: float | None = None) -> float:
+        """The delay before the next attempt; grows until reset(). ``cap_s`` bounds this one
+        delay (and the growth behind it) lower than the maximum."""
+        ceiling = self._maximum if cap_s is None else min(cap_s, self._maximum)
+        base = min(self._base, ceiling)
+        self._base = min(ceiling, self._base * self._multiplier)
         self.attempts += 1
         return base / 2 + self._rand() * base / 2
 

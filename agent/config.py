@@ -49,6 +49,9 @@ class AgentConfig:
     # reported every flow_active_timeout_s while it runs.
     flow_idle_timeout_s: float = 30.0
     flow_active_timeout_s: float = 120.0
+    # Report the host's addresses, routes (with policy rules), DNS resolvers and OS: the evidence of
+    # whether it left its dedicated network. Needs the ip command (iproute2 >= 4.17).
+    inventory: bool = True
     # Batches sent ahead of their acks on one stream.
     window: int = 32
     # A stream whose oldest unacked batch waits longer than this is torn down and retried.
@@ -77,6 +80,7 @@ _FILE_KEYS = {
     "flows": bool,
     "flow_idle_timeout": (int, float),
     "flow_active_timeout": (int, float),
+    "inventory": bool,
     "insecure": bool,
 }
 

@@ -23,9 +23,17 @@ from agent.policy import PolicyUpdate
 from agent.renewal import Renewal
 from agent.sensors.accounting import NftAccountant, ZoneDelta, ZoneTrafficSampler
 from agent.sensors.interfaces import InterfaceSample, InterfaceSampler
+from agent.sensors.inventory import InventorySensor
 from agent.spool import Spool
 from agent.transport import Transport
-from agent.wire import batch_request, flow_fact, health_fact, hello_request, zone_traffic_fact
+from agent.wire import (
+    batch_request,
+    flow_fact,
+    health_fact,
+    hello_request,
+    inventory_fact,
+    zone_traffic_fact,
+)
 from agent.zonemap import ZoneMap
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,7 @@ class Agent:
         sampler: InterfaceSampler | None = None,
         accountant: NftAccountant | None = None,
         flow_monitor: Callable[..., FlowMonitor] = FlowMonitor,
+        inventory: Callable[[], InventorySensor] = InventorySensor,
         clock_ms: Callable[[], int] = wall_ms,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -81,6 +90,11 @@ class Agent:
         self._flow_monitor = flow_monitor
         self._zone_map = ZoneMap()
         self.sensors["flows"] = "starting" if config.flows else "off: disabled in the agent's configuration"
+        self.inventory: InventorySensor | None = None
+        self._inventory_sensor = inventory
+        self.sensors["inventory"] = (
+            "starting" if config.inventory else "off: disabled in the agent's configuration"
+        )
         self.transport = Transport(
             config.collector or DEFAULT_COLLECTOR,
             self.spool,
@@ -125,8 +139,21 @@ class Agent:
             if self.config.flows:
                 extra += [flow_fact(flow, time_ms) for flow in closed]
                 self.sensors["flows"] = self.flows.status()
+        extra += self._inventory_facts(time_ms)
         extra.append(health_fact(self._health(), time_ms))
         return self.spool_batch(samples, extra, time_ms)
+
+    def _inventory_facts(self, time_ms: int) -> list[Any]:
+        if self.inventory is None:
+            return []
+        try:
+            report = self.inventory.report()
+        except SensorError as exc:
+            # Nothing is sent (a partial inventory would read as addresses gone); tried again next tick.
+            self.sensors["inventory"] = f"off: {exc}"
+            return []
+        self.sensors["inventory"] = self.inventory.status()
+        return [inventory_fact(report, time_ms)] if report is not None else []
 
     def _zone_deltas(self) -> list[ZoneDelta]:
         if self._zone_sampler is None:
@@ -178,6 +205,8 @@ class Agent:
         )
         if self.config.flows or self.config.zone_accounting == "capture":
             self.start_flows()
+        if self.config.inventory:
+            self.start_inventory()
         tasks = [
             asyncio.create_task(self._sample_loop(stop), name="sample"),
             asyncio.create_task(self.transport.run(stop), name="transport"),
@@ -204,6 +233,8 @@ class Agent:
                         log.error("could not spool the last flows: %s", exc)
             await self.transport.close()
             self.spool.close()
+            if self.inventory is not None:
+                self.inventory.close()
             if self.accountant is not None and self._zone_method == "nftables":
                 try:
                     self.accountant.remove()  # leave the host's ruleset as we found it
@@ -273,6 +304,10 @@ class Agent:
         if self.config.interfaces:
             return list(self.config.interfaces)
         return sorted(name for name, st in psutil.net_if_stats().items() if st.isup and name != "lo")
+
+    def start_inventory(self) -> None:
+        """Report the host's addresses, routes, resolvers and OS: in full at the next tick, then as diffs."""
+        self.inventory = self._inventory_sensor()
 
     def start_flows(self) -> None:
         """Capture on the watched interfaces, for flows and (as a fallback) zone accounting."""

@@ -61,6 +61,9 @@ COLLECTOR_TLS_NAME = "zonewatch-collector"
 TLS_OPTIONS = [("grpc.ssl_target_name_override", COLLECTOR_TLS_NAME)]
 
 
+UNREACHABLE_MAX_S = 8.0
+
+
 class RenewError(TransportError):
     """The collector did not renew our certificate; ``code`` is the gRPC status name."""
 
@@ -159,6 +162,7 @@ class Transport:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set, reconnecting with backoff."""
         while not stop.is_set():
+            unreachable = False
             try:
                 await self._session(stop)
                 self._backoff.reset()
@@ -168,6 +172,9 @@ class Transport:
                     self.stats.connected = False
                     continue  # a stream's planned end: reconnect at once
                 self.stats.last_error = f"{exc.code().name}: {exc.details()}"
+                unreachable = exc.code() == grpc.StatusCode.UNAVAILABLE and "storage" not in (
+                    exc.details() or ""
+                )
             except TransportError as exc:
                 self.stats.last_error = str(exc)
             except Exception as exc:
@@ -175,7 +182,10 @@ class Transport:
                 # InvalidStateError, a full disk SpoolError), delivery must go on.
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
             self.stats.connected = False
-            delay = self._backoff.next_delay()
+            # A collector we cannot reach (network down, collector stopped) is tried again at least
+            # every UNREACHABLE_MAX_S, so delivery resumes within seconds of the link healing; one
+            # that answers but refuses (storage failing, too many streams) gets up to the full 60 s.
+            delay = self._backoff.next_delay(UNREACHABLE_MAX_S if unreachable else None)
             log.warning("collector %s: %s; retrying in %.1f s", self._target, self.stats.last_error, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -261,6 +271,7 @@ class Transport:
                 if served and served != self.policy_version:
                     self.policy_changed.set()
                 self._spool.acknowledge(acked)
+                self._backoff.reset()  # the collector stores again: the next failure is a new outage
                 self.stats.acked_seq = max(self.stats.acked_seq, acked)
                 for seq in [s for s in inflight if s <= acked]:
                     del inflight[seq]

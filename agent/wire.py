@@ -15,6 +15,7 @@ from agent.health import Health
 from agent.policy import PolicyUpdate, zones_from_ranges
 from agent.sensors.accounting import ZoneDelta
 from agent.sensors.interfaces import InterfaceSample
+from agent.sensors.inventory import InventoryReport
 from agent.spool import DropReport
 from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
@@ -129,6 +130,23 @@ def flow_fact(flow: FlowRecord, time_ms: int) -> facts_pb2.Fact:
             remote_zone=flow.remote_zone,
             initiated_locally=flow.initiated_locally,
             process=process,
+        ),
+    )
+
+
+def inventory_fact(report: InventoryReport, time_ms: int) -> facts_pb2.Fact:
+    return facts_pb2.Fact(
+        time_ms=time_ms,
+        inventory=facts_pb2.Inventory(
+            full=report.full,
+            addresses_added=[facts_pb2.Address(**a._asdict()) for a in report.addresses_added],
+            addresses_removed=[facts_pb2.Address(**a._asdict()) for a in report.addresses_removed],
+            routes_added=[facts_pb2.Route(**r._asdict()) for r in report.routes_added],
+            routes_removed=[facts_pb2.Route(**r._asdict()) for r in report.routes_removed],
+            dns_resolvers=report.dns_resolvers,
+            hostname=report.hostname,
+            os_name=report.os_name,
+            os_version=report.os_version,
         ),
     )
 

@@ -83,14 +83,22 @@ def main() -> int:
             host = net.add_host("mon", "extranet", "dedicated")
             listen = f"{central.addr4['extranet']}:7390"
             db, zones = str(work / "c.db"), str(work / "zones.yaml")
+            # As deployed: the collector's PKI, a token, the agent enrolled and reporting over mTLS.
+            central.python("-m", "collector.cli", "init", "--db", db)
             central.popen(
                 sys.executable, "-m", "collector.cli", "serve", "--db", db, "--listen", listen,
                 "--zones", zones, "--sample-interval", "10",
             )  # fmt: skip
             time.sleep(2)
+            created = central.python(
+                "-m", "collector.cli", "tokens", "create", "--db", db, "--collector", listen,
+                "--department", "市公安局",
+            ).stdout  # fmt: skip
+            (enroll,) = [line.split() for line in created.splitlines() if "zonewatch-agent enroll" in line]
+            host.python("-m", "agent.cli", *enroll[1:], "--state-dir", str(work / "agent"))
             agent = host.popen(
-                sys.executable, "-m", "agent.cli", "run", "--collector", listen, "--interval", "10",
-                "--state-dir", str(work / "agent"), "--department", "市公安局",
+                sys.executable, "-m", "agent", "run", "--interval", "10",
+                "--state-dir", str(work / "agent"),
             )  # fmt: skip
             node = host.popen(exporter, f"--web.listen-address={host.addr4['extranet']}:9100")
             url = f"http://{host.addr4['extranet']}:9100/metrics"

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collector import __version__, cli_trust
+from collector import __version__, cli_migration, cli_trust
 from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig
 from collector.errors import CollectorError
+from collector.migration import MigrationPolicy
 from collector.policy import AgentPolicy
 from collector.store.retention import RetentionPolicy
 
@@ -137,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="a stream that says nothing this long after opening is ended (default 30)",
     )
     serve.add_argument(
+        "--migration-quiet",
+        type=_duration,
+        default=MigrationPolicy.quiet_ms,
+        metavar="DURATION",
+        help="a host with no dedicated-network address, route or traffic this long is migrated (default 7d)",
+    )
+    serve.add_argument(
+        "--migration-stale",
+        type=_duration,
+        default=MigrationPolicy.stale_ms,
+        metavar="DURATION",
+        help="a host silent this long has migration state unknown (default 1d)",
+    )
+    serve.add_argument(
+        "--migration-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often migration states are decided again (default 10)",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         help="no TLS: agents are not authenticated and name themselves (a lab only, never production)",
@@ -211,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli_trust.add_agent_actions(agents, _db_arg)
     trust_handlers = cli_trust.add_parsers(sub, _db_arg, _format_arg, _duration)
+    trust_handlers.update(cli_migration.add_parser(sub, _db_arg, _format_arg, _range_args))
 
     bw = sub.add_parser(
         "bandwidth",
@@ -393,6 +416,8 @@ def now_ms() -> int:
 def serve_config(args: argparse.Namespace) -> CollectorConfig:
     if not args.agent_rate > 0 or args.max_streams < 1 or not args.hello_timeout > 0:
         raise CollectorError("--agent-rate, --max-streams and --hello-timeout must be positive")
+    if not args.migration_interval > 0:
+        raise CollectorError("--migration-interval must be positive")
     if args.sample_interval < 1:
         raise CollectorError(f"--sample-interval must be at least 1 second, got {args.sample_interval}")
     for flag, value in (("--raw-hours", args.raw_hours), ("--minute-days", args.minute_days),
@@ -409,6 +434,8 @@ def serve_config(args: argparse.Namespace) -> CollectorConfig:
         agent_burst_facts=args.agent_burst,
         max_streams=args.max_streams,
         hello_timeout_s=args.hello_timeout,
+        migration=MigrationPolicy(quiet_ms=args.migration_quiet, stale_ms=args.migration_stale),
+        migration_interval_s=args.migration_interval,
         zones_path=args.zones,
         policy=AgentPolicy(sample_interval_s=args.sample_interval, interfaces=tuple(args.interfaces)),
         retention=RetentionPolicy(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collector.migration import MigrationPolicy
 from collector.policy import AgentPolicy
 from collector.store.retention import RetentionPolicy
 
@@ -51,6 +52,10 @@ class CollectorConfig:
     maintenance_interval_s: float = 30.0
     # Rows one retention step may read or delete: bounds how long a commit waits behind it.
     maintenance_budget_rows: int = 50_000
+    # Dedicated-network migration: the quiet period and staleness (collector/migration.py), and
+    # how often states are decided again (hosts with news or a deadline due).
+    migration: MigrationPolicy = field(default_factory=MigrationPolicy)
+    migration_interval_s: float = 10.0
 
     @property
     def pki_path(self) -> Path:

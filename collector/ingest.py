@@ -20,13 +20,16 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
+from collector.migration import MigrationPolicy
 from collector.model import AgentHello, CatalogRow, HostLabels, Settled, ValidBatch
 from collector.store.enrollment import CertificateStatus, Enrolled, Revocation, TokenRefused
 from collector.store.incidents import Raise
+from collector.store.migration import EvaluationReport
 from collector.store.process import WriterProcess
 from collector.store.retention import MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected
@@ -124,6 +127,13 @@ class Ingest:
     async def certificate(self, serial: str) -> CertificateStatus | None:
         answer = await self._call(("certificate", serial))
         return None if answer is None else CertificateStatus(*answer)
+
+    async def evaluate_migration(
+        self, now_ms: int, policy: MigrationPolicy, *, full: bool = False
+    ) -> EvaluationReport:
+        """One migration step (store/migration.py evaluate), queued behind the commits already sent."""
+        answer = await self._call(("migration", now_ms, astuple(policy), full))
+        return EvaluationReport(*answer)
 
     async def raise_incident(self, incident: Raise) -> None:
         await self._call(("incident", tuple(incident)))

@@ -1,4 +1,4 @@
-"""The retention schedule: one bounded maintenance step every interval, back to back while behind.
+"""The retention and migration schedules: one bounded step every interval, back to back while behind.
 
 Steps reach the writer process through Ingest's request path, so each one queues
 between two group commits and never runs during one; a commit waits at most one
@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 from collector.errors import CollectorError
 from collector.ingest import Ingest
+from collector.migration import MigrationPolicy
+from collector.store.migration import MAX_AGENTS_PER_STEP
 from collector.store.retention import MaintenanceReport, RetentionPolicy
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,51 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class MaintenanceSchedule:
+class _Periodic:
+    """A step every ``interval_s``, back to back while the step says it is behind; stopped after
+    the step in flight (never cancelled: its reply from the writer must be read)."""
+
+    name = "zonewatch-periodic"
+
+    def __init__(self, ingest: Ingest, interval_s: float, clock: Callable[[], int]) -> None:
+        self._ingest = ingest
+        self._interval_s = interval_s
+        self._clock = clock
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.steps = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                behind = await self._step()
+                self.steps += 1
+            except CollectorError as exc:
+                self.failures += 1
+                log.warning("%s step failed, next try in %g s: %s", self.name, self._interval_s, exc)
+                behind = False
+            if not behind:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+
+    async def _step(self) -> bool:
+        """Run one step; True when it left work for the next one."""
+        raise NotImplementedError
+
+
+class MaintenanceSchedule(_Periodic):
+    name = "zonewatch-retention"
+
     def __init__(
         self,
         ingest: Ingest,
@@ -35,44 +81,47 @@ class MaintenanceSchedule:
         budget_rows: int,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
-        self._ingest = ingest
+        super().__init__(ingest, interval_s, clock)
         self._policy = policy
-        self._interval_s = interval_s
         self._budget_rows = budget_rows
-        self._clock = clock
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.steps = 0
-        self.failures = 0
         self.last_report: MaintenanceReport | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="zonewatch-maintenance")
-
-    async def stop(self) -> None:
-        """Stop after the step in flight, if any (never cancelled: its reply must be read)."""
-        self._stopping.set()
-        if self._task is not None:
-            task, self._task = self._task, None
-            await task
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            behind = await self._step()
-            if not behind:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._interval_s)
-
     async def _step(self) -> bool:
-        """Run one step; True when it left work for the next one."""
-        try:
-            report = await self._ingest.maintain(self._clock(), self._budget_rows, self._policy)
-        except CollectorError as exc:
-            self.failures += 1
-            log.warning("retention step failed, next try in %g s: %s", self._interval_s, exc)
-            return False
-        self.steps += 1
+        report = await self._ingest.maintain(self._clock(), self._budget_rows, self._policy)
         self.last_report = report
         if report.rows_done:
             log.debug("retention step: %s", report)
         return not report.done
+
+
+class MigrationSchedule(_Periodic):
+    """Migration states decided every ``interval_s`` (collector/store/migration.py), in the writer
+    process like retention; a catalog change asks for a full pass. Failures are logged and retried."""
+
+    name = "zonewatch-migration"
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        policy: MigrationPolicy,
+        *,
+        interval_s: float,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        super().__init__(ingest, interval_s, clock)
+        self._policy = policy
+        self._full = True  # the first pass after start decides every host
+        self.transitions = 0
+
+    def catalog_changed(self) -> None:
+        self._full = True
+
+    async def _step(self) -> bool:
+        full, self._full = self._full, False
+        try:
+            report = await self._ingest.evaluate_migration(self._clock(), self._policy, full=full)
+        except CollectorError:
+            self._full = self._full or full
+            raise
+        self.transitions += report.transitions
+        return report.agents >= MAX_AGENTS_PER_STEP

@@ -97,6 +97,30 @@ class HealthRow(NamedTuple):
     sensors: str  # JSON object: sensor -> "on" / "off: <why>" / ...
 
 
+# Of an inventory fact: (interface, cidr) and (destination, gateway, interface, table, metric,
+# policy), normalized by ipaddress. Plain tuples: they cross the pipe to the writer with marshal.
+AddressItem = tuple[str, str]
+RouteItem = tuple[str, str, str, int, int, str]
+
+
+class InventoryRow(NamedTuple):
+    """The host's network inventory: everything (``full``) or what changed since the last one.
+
+    Whether full or a diff, it carries the host's current resolvers, hostname and OS.
+    """
+
+    time_ms: int
+    full: bool
+    addresses_added: tuple[AddressItem, ...]  # a full one has everything here ...
+    addresses_removed: tuple[AddressItem, ...]  # ... and nothing here
+    routes_added: tuple[RouteItem, ...]
+    routes_removed: tuple[RouteItem, ...]
+    dns_resolvers: str  # JSON list of addresses
+    hostname: str
+    os_name: str
+    os_version: str
+
+
 @dataclass(frozen=True, slots=True)
 class ValidBatch:
     """A batch that passed validation, ready for the writer."""
@@ -119,6 +143,9 @@ class ValidBatch:
     flow_rows: list[FlowRow] = field(default_factory=list)
     # Health facts, also kept verbatim in other_facts (so not counted again in fact_count).
     health_rows: list[HealthRow] = field(default_factory=list)
+    # Inventory facts, in the batch's order: the writer applies them in that order. Also kept
+    # verbatim in other_facts (so not counted again in fact_count): one row per fact, like every kind.
+    inventory_rows: list[InventoryRow] = field(default_factory=list)
 
     @property
     def sample_count(self) -> int:

@@ -15,7 +15,7 @@ from collector import pki
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
 from collector.ingest import Ingest
-from collector.maintenance import MaintenanceSchedule
+from collector.maintenance import MaintenanceSchedule, MigrationSchedule
 from collector.policy import PolicySource
 from collector.servicer import AgentService
 from collector.trust import Trust
@@ -35,6 +35,7 @@ class Collector:
         maintenance: MaintenanceSchedule,
         trust: Trust,
         enroll_port: int = 0,
+        migration: MigrationSchedule | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -43,6 +44,7 @@ class Collector:
         self.policy = policy
         self.maintenance = maintenance
         self.trust = trust
+        self.migration = migration
         self._stop_watching = asyncio.Event()
         self._revocations = asyncio.create_task(trust.watch_revocations(self._stop_watching))
 
@@ -60,6 +62,8 @@ class Collector:
     async def reload_zones(self, *, only_if_changed: bool) -> None:
         changed = self.policy.reload_if_changed() if only_if_changed else self.policy.reload()
         if changed:
+            if self.migration is not None:
+                self.migration.catalog_changed()
             try:
                 await self.store_catalog()
             except CollectorError as exc:
@@ -68,6 +72,8 @@ class Collector:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking new streams, let in-flight batches commit, close the database."""
         await self.maintenance.stop()
+        if self.migration is not None:
+            await self.migration.stop()
         self._stop_watching.set()
         await self._revocations
         await self.server.stop(grace_s)
@@ -134,9 +140,11 @@ async def create_server(config: CollectorConfig) -> Collector:
         interval_s=config.maintenance_interval_s,
         budget_rows=config.maintenance_budget_rows,
     )
-    collector = Collector(server, port, ingest, policy, maintenance, trust, enroll_port)
+    migration = MigrationSchedule(ingest, config.migration, interval_s=config.migration_interval_s)
+    collector = Collector(server, port, ingest, policy, maintenance, trust, enroll_port, migration)
     await collector.store_catalog()
     maintenance.start()
+    migration.start()
     return collector
 
 

@@ -272,8 +272,12 @@ class AgentService:
                     stream_last = item.seq
                 except ValidationError as exc:
                     seq = request.batch.seq
-                    item = Rejected(agent_id, seq, received, exc.code, exc.field, exc.message, peer)
-                    if 0 < seq <= validate.INT64_MAX:
+                    # A sequence beyond int64 cannot be stored, not even in the rejection's row.
+                    in_range = 0 < seq <= validate.INT64_MAX
+                    item = Rejected(
+                        agent_id, seq if in_range else 0, received, exc.code, exc.field, exc.message, peer
+                    )
+                    if in_range:
                         stream_last = seq
             try:
                 future = self._ingest.submit(item)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_interface, ip_network
 from operator import attrgetter, methodcaller
 from typing import Any
 
@@ -25,6 +25,7 @@ from collector.model import (
     FlowRow,
     HealthRow,
     HostLabels,
+    InventoryRow,
     ValidBatch,
     ZoneTrafficRow,
 )
@@ -133,6 +134,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     zone_rows: list[ZoneTrafficRow] = []
     health_rows: list[HealthRow] = []
     flow_rows: list[FlowRow] = []
+    inventory_rows: list[InventoryRow] = []
     # Every fact is an interface sample when every name is set: a fact of another
     # kind reads as an empty sample. So the common case needs no WhichOneof per fact.
     if min(map(len, names)) >= 1:
@@ -160,6 +162,11 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
             if kind == "flow":
                 flow_rows.append(_flow(fact.flow, times[index], f"batch.facts[{index}].flow", latest))
                 continue
+            if kind == "inventory":
+                prefix = f"batch.facts[{index}].inventory"
+                inventory_rows.append(_inventory(fact.inventory, times[index], prefix))
+                others.append((times[index], kind, fact.SerializeToString()))  # the record, verbatim
+                continue
             if kind is None and not len(UnknownFieldSet(fact)):
                 raise ValidationError(f"batch.facts[{index}]", "has no fact kind set")
             # Kinds without a table yet, and kinds newer than this collector
@@ -178,6 +185,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                 zone_rows,
                 flow_rows,
                 health_rows,
+                inventory_rows,
             )
     # One C-level pass per field; lists, not tuples: cheaper to build, and marshal takes both.
     columns: list[Any] = [names, *(list(map(getter, subs)) for getter in _FIELD_GETTERS)]
@@ -193,6 +201,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
         and max(rx_bps) <= MAX_BPS
         and max(tx_bps) <= MAX_BPS
         and math.isfinite(sum(rx_bps) + sum(tx_bps))
+        and max(columns[12]) <= INT64_MAX  # speed_bps: uint64 on the wire, INTEGER in SQLite
         and min(utilization) >= -1.0
         and max(utilization) <= MAX_UTILIZATION
         and math.isfinite(sum(utilization))
@@ -206,7 +215,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     columns.insert(0, sample_times)
     return ValidBatch(
         agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows, flow_rows,
-        health_rows,
+        health_rows, inventory_rows,
     )  # fmt: skip
 
 
@@ -276,6 +285,8 @@ def _flow(msg: facts_pb2.Flow, time_ms: int, prefix: str, latest: int) -> FlowRo
     addresses = []
     for name in ("local_addr", "remote_addr"):
         value = getattr(msg, name)
+        # ipaddress keeps any text after an IPv6 "%" (the zone index): bound and vet it as text.
+        text(value, f"{prefix}.{name}", MAX_LABEL_LEN)
         try:
             addresses.append(str(ip_address(value)))
         except ValueError:
@@ -309,6 +320,84 @@ def _flow(msg: facts_pb2.Flow, time_ms: int, prefix: str, latest: int) -> FlowRo
     )  # fmt: skip
 
 
+MAX_INVENTORY_ITEMS = 4096  # per list of an inventory fact
+MAX_RESOLVERS = 64
+MAX_POLICY_LEN = 1024
+_INVENTORY_LISTS = ("addresses_added", "addresses_removed", "routes_added", "routes_removed")
+
+
+def _inventory(msg: facts_pb2.Inventory, time_ms: int, prefix: str) -> InventoryRow:
+    """Slow path (a few a day per host): every entry checked and normalized, errors name it."""
+    for name in _INVENTORY_LISTS:
+        if len(getattr(msg, name)) > MAX_INVENTORY_ITEMS:
+            raise ValidationError(
+                f"{prefix}.{name}", f"has {len(getattr(msg, name))} entries, at most {MAX_INVENTORY_ITEMS}"
+            )
+    if msg.full:
+        for name in ("addresses_removed", "routes_removed"):
+            if getattr(msg, name):
+                raise ValidationError(
+                    f"{prefix}.{name}", "must be empty in a full inventory (it lists everything as added)"
+                )
+    added, removed = (
+        tuple(_address(a, f"{prefix}.{name}[{i}]") for i, a in enumerate(getattr(msg, name)))
+        for name in _INVENTORY_LISTS[:2]
+    )
+    routes_added, routes_removed = (
+        tuple(_route(r, f"{prefix}.{name}[{i}]") for i, r in enumerate(getattr(msg, name)))
+        for name in _INVENTORY_LISTS[2:]
+    )
+    if len(msg.dns_resolvers) > MAX_RESOLVERS:
+        raise ValidationError(
+            f"{prefix}.dns_resolvers", f"has {len(msg.dns_resolvers)} entries, at most {MAX_RESOLVERS}"
+        )
+    resolvers = [_address_text(v, f"{prefix}.dns_resolvers[{i}]") for i, v in enumerate(msg.dns_resolvers)]
+    return InventoryRow(
+        time_ms, msg.full, added, removed, routes_added, routes_removed, json.dumps(resolvers),
+        text(msg.hostname, f"{prefix}.hostname", MAX_HOSTNAME_LEN),
+        text(msg.os_name, f"{prefix}.os_name", MAX_LABEL_LEN),
+        text(msg.os_version, f"{prefix}.os_version", MAX_LABEL_LEN),
+    )  # fmt: skip
+
+
+def _address(msg: facts_pb2.Address, prefix: str) -> tuple[str, str]:
+    interface = text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN, required=True)
+    cidr = text(msg.cidr, f"{prefix}.cidr", MAX_LABEL_LEN, required=True)
+    try:
+        if "/" not in cidr:
+            raise ValueError
+        return interface, str(ip_interface(cidr))
+    except ValueError:
+        raise ValidationError(f"{prefix}.cidr", f"is not an address/prefix length: {cidr[:64]!r}") from None
+
+
+def _route(msg: facts_pb2.Route, prefix: str) -> tuple[str, str, str, int, int, str]:
+    destination = text(msg.destination, f"{prefix}.destination", MAX_LABEL_LEN, required=True)
+    try:
+        if "/" not in destination:
+            raise ValueError
+        destination = str(ip_network(destination, strict=False))
+    except ValueError:
+        raise ValidationError(
+            f"{prefix}.destination", f"is not a network/prefix length: {destination[:64]!r}"
+        ) from None
+    gateway = _address_text(msg.gateway, f"{prefix}.gateway") if msg.gateway else ""
+    interface = text(msg.interface, f"{prefix}.interface", MAX_INTERFACE_LEN)
+    if not msg.table:  # uint32: at most 2**32 - 1, the kernel's own bound
+        raise ValidationError(f"{prefix}.table", "must be >= 1 (254 is the main table)")
+    policy = text(msg.policy, f"{prefix}.policy", MAX_POLICY_LEN)
+    return destination, gateway, interface, msg.table, msg.metric, policy
+
+
+def _address_text(value: str, field: str) -> str:
+    # ipaddress keeps any text after an IPv6 "%" (the zone index): bound and vet it as text first.
+    text(value, field, MAX_LABEL_LEN, required=True)
+    try:
+        return str(ip_address(value))
+    except ValueError:
+        raise ValidationError(field, f"is not an IP address: {value[:64]!r}") from None
+
+
 def _check_time(value: int, field: str, latest: int) -> None:
     if value < MIN_TIME_MS:
         raise ValidationError(field, f"{value} is before 2000-01-01 (agent clock broken?)")
@@ -334,6 +423,8 @@ def _check_sample(values: tuple[Any, ...], prefix: str) -> None:
             raise ValidationError(f"{prefix}.{field}", f"must be a finite number, got {value}")
         if not 0 <= value <= MAX_BPS:
             raise ValidationError(f"{prefix}.{field}", f"must be in [0, {MAX_BPS:g}], got {value}")
+    if values[12] > INT64_MAX:
+        raise ValidationError(f"{prefix}.speed_bps", f"{values[12]} is out of range (at most {INT64_MAX})")
     if not -1.0 <= values[13] <= MAX_UTILIZATION:
         raise ValidationError(
             f"{prefix}.utilization", f"must be in [0, {MAX_UTILIZATION:g}] or -1 (unknown), got {values[13]}"

@@ -45,12 +45,13 @@ summary carries the rate it was sampled at, so a consumer scales per packet
 (``bytes += length * sampling_rate``) and never mixes rates. A sampled-out packet costs
 one ``struct`` read (about 0.1 us) instead of a full parse (about 0.7 us).
 
-Memory: the ring is mapped into the agent and counts in its RSS, so it is kept small. The
-default 4 MiB (64 blocks of 64 KiB) holds about 29,000 minimum-size packets (18,000 cut at
-128 bytes): 0.3 s of a stalled reader at 100 kpps, and 64 x 50 ms = 3.2 s at low rates,
-where a block is handed over ``retire_ms`` after its first packet however empty. Measured
-here (bench/capture.py), a reader that keeps reading lost nothing at 160 kpps with 2 MiB;
-the ring is there for the reader's pauses (GIL, GC, a busy agent tick), not its speed.
+Memory: the ring is mapped into the agent and counts in its RSS (every block is touched as the
+kernel cycles through them), so it is kept small. The default 2 MiB (32 blocks of 64 KiB) holds
+about 14,000 minimum-size packets (9,000 cut at 128 bytes): 0.15 s of a stalled reader at
+100 kpps, and 32 x 50 ms = 1.6 s at low rates, where a block is handed over ``retire_ms``
+after its first packet however empty. Measured here (bench/capture.py), a reader that keeps
+reading lost nothing at 150 kpps even with 1 MiB; the ring is there for the reader's pauses
+(GIL, GC, a busy agent tick), not its speed. 4 MiB cost the agent 2 MB more per interface.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ from agent.errors import SensorError
 DEFAULT_FILTER = "ip or ip6"
 DEFAULT_SNAPLEN = 128
 DEFAULT_BLOCK_SIZE = 64 * 1024
-DEFAULT_BLOCK_COUNT = 64
+DEFAULT_BLOCK_COUNT = 32
 DEFAULT_FRAME_SIZE = 2048
 DEFAULT_RETIRE_MS = 50
 

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from collector.errors import CollectorError, StoreError
+from collector.migration import MigrationPolicy
 from collector.model import (
     AgentHello,
     CatalogRow,
     FlowRow,
     HealthRow,
     HostLabels,
+    InventoryRow,
     Settled,
     ValidBatch,
     ZoneTrafficRow,
@@ -35,6 +37,7 @@ from collector.model import (
 from collector.store import enrollment
 from collector.store.database import open_database
 from collector.store.incidents import Raise, raise_incidents
+from collector.store.migration import evaluate as evaluate_migration
 from collector.store.retention import Maintenance, MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected, Writer
 
@@ -44,6 +47,7 @@ _ROW_TYPES = {
     _BATCH_FIELDS.index("zone_rows"): ZoneTrafficRow,
     _BATCH_FIELDS.index("flow_rows"): FlowRow,
     _BATCH_FIELDS.index("health_rows"): HealthRow,
+    _BATCH_FIELDS.index("inventory_rows"): InventoryRow,
 }
 
 
@@ -122,6 +126,10 @@ def _serve(conn: Connection, db_path: str) -> None:
                 elif op == "certificate":
                     status = enrollment.certificate_status(db, args[0])
                     reply("ok", None if status is None else tuple(status))
+                elif op == "migration":
+                    now_ms, policy, full = args
+                    evaluated = evaluate_migration(db, now_ms, MigrationPolicy(*policy), full=full)
+                    reply("ok", tuple(evaluated))
                 elif op == "incident":
                     try:
                         with writer.transaction():

@@ -376,6 +376,109 @@ CREATE INDEX incidents_by_key ON incidents (rule, dedup_key, status);
 CREATE INDEX incidents_by_time ON incidents (last_seen_ms);
 """
 
+INVENTORY = """
+-- Each host's network inventory as its agent last reported it (writer.py applies full reports and
+-- diffs in order): its addresses and routes now, since when (agent clock), and the rest.
+-- IF NOT EXISTS: this step is safe to run again over its own tables (a test re-runs the steps
+-- from 6 on over a database that has them).
+CREATE TABLE IF NOT EXISTS host_addresses (
+    agent INTEGER NOT NULL,
+    interface TEXT NOT NULL,
+    cidr TEXT NOT NULL,  -- "10.1.2.3/24", normalized
+    since_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, interface, cidr)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS host_routes (
+    agent INTEGER NOT NULL,
+    destination TEXT NOT NULL,  -- network, normalized; 0.0.0.0/0 and ::/0 for defaults
+    gateway TEXT NOT NULL,  -- "" for a route onto the link
+    interface TEXT NOT NULL,
+    route_table INTEGER NOT NULL,  -- 254 = main
+    metric INTEGER NOT NULL,
+    policy TEXT NOT NULL,  -- the ip rules that select a non-main table
+    since_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, destination, gateway, interface, route_table, metric, policy)
+) WITHOUT ROWID;
+-- updated_ms: time of the newest inventory fact applied (older ones are ignored: no rollback);
+-- full_ms: of the newest full one, 0 before the first.
+CREATE TABLE IF NOT EXISTS host_inventory (
+    agent INTEGER PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    os_name TEXT NOT NULL,
+    os_version TEXT NOT NULL,
+    dns_resolvers TEXT NOT NULL,  -- JSON list
+    updated_ms INTEGER NOT NULL,
+    full_ms INTEGER NOT NULL
+);
+-- Every address and route that appeared or went away, at the time of the fact that showed it,
+-- value as JSON ({"interface", "cidr"} or {"destination", "gateway", "interface", "table",
+-- "metric", "policy"}): exact across full refreshes too. "When did this host lose its dedicated
+-- address?"
+CREATE TABLE IF NOT EXISTS inventory_changes (
+    id INTEGER PRIMARY KEY,
+    agent INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    change TEXT NOT NULL CHECK (change IN ('added', 'removed')),
+    kind TEXT NOT NULL CHECK (kind IN ('address', 'route')),
+    value TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inventory_changes_by_agent ON inventory_changes (agent, time_ms);
+"""
+
+MIGRATION = """
+-- Dedicated-network migration (collector/migration.py, store/migration.py).
+-- Bytes exchanged with dedicated and extranet zones, folded from zone_traffic (cursor below):
+-- when a host last talked to a network, kept after the raw rows are pruned.
+CREATE TABLE migration_traffic (
+    agent INTEGER NOT NULL,
+    zone TEXT NOT NULL,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (agent, zone)
+) WITHOUT ROWID;
+CREATE TABLE migration_cursor (source TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
+INSERT INTO migration_cursor VALUES ('zone_traffic', 0), ('inventory_changes', 0);
+-- One row per host and dedicated network: its state, since when, the evidence of the last
+-- decision, and when to decide again without news (a quiet period ending, an exemption expiring).
+CREATE TABLE migration_states (
+    agent INTEGER NOT NULL,
+    network TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('not_started', 'dual_homed', 'migrated', 'regressed', 'exempt', 'unknown')),
+    since_ms INTEGER NOT NULL,
+    evaluated_ms INTEGER NOT NULL,
+    recheck_ms INTEGER NOT NULL,
+    evidence TEXT NOT NULL,
+    PRIMARY KEY (agent, network)
+) WITHOUT ROWID;
+CREATE INDEX migration_states_by_recheck ON migration_states (recheck_ms);
+-- Every change of state with its time and evidence: the history, and what rules match.
+CREATE TABLE migration_transitions (
+    id INTEGER PRIMARY KEY,
+    agent INTEGER NOT NULL,
+    network TEXT NOT NULL,
+    from_state TEXT NOT NULL,
+    to_state TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    evidence TEXT NOT NULL
+);
+CREATE INDEX migration_transitions_by_time ON migration_transitions (time_ms);
+CREATE TABLE migration_exemptions (
+    id INTEGER PRIMARY KEY,
+    agent INTEGER NOT NULL,
+    network TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    approved_by TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    until_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    revoked_by TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX migration_exemptions_by_pair ON migration_exemptions (agent, network);
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
@@ -385,6 +488,8 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("agent health on the agents row", AGENT_HEALTH),
     ("reading the rollups: how far pruning has gone, link speed in interface rollups", READS),
     ("trust: enrollment tokens, certificates, revocations, incidents", TRUST),
+    ("host inventory: addresses, routes, resolvers, OS, and their history", INVENTORY),
+    ("dedicated-network migration: states, transitions, exemptions", MIGRATION),
 ]
 
 

@@ -3,16 +3,29 @@
 It owns the agents' sequence state in memory (loaded at start), so deciding
 "stored, duplicate, gap or out of order" costs no query on the hot path. It is
 not thread-safe on purpose: ingest.py calls it from one thread only.
+
+Inventory facts are kept verbatim (other_facts) and they change state: they are
+applied in the commit's transaction, batch after batch and fact after fact, as
+they arrived. A full one replaces the agent's addresses and routes, a diff
+removes, then adds; every row that really appears or goes away is written to
+inventory_changes, so the history is exact across full refreshes, and a diff
+that changes nothing records nothing. Only stored batches get here: a replayed
+(duplicate) batch never does. A fact older than the newest one applied
+(host_inventory.updated_ms) is ignored, so state never rolls back. Batches are
+stored strictly in sequence order, so that happens only when the agent's clock
+stepped back; its inventory then stays as it was until its clock passes the old
+time again (at most a day: times over 24 h ahead of the collector are refused).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from itertools import count, repeat
 from typing import NamedTuple
 
 from collector.errors import StoreError
-from collector.model import AgentHello, CatalogRow, FlowRow, Settled, ValidBatch
+from collector.model import AgentHello, CatalogRow, FlowRow, InventoryRow, Settled, ValidBatch
 from collector.store.incidents import AGENT_CLONE, SEQUENCE_GAP, Raise, raise_incidents
 
 
@@ -167,6 +180,7 @@ class Writer:
         others: list[tuple[object, ...]] = []
         zone_rows: list[tuple[object, ...]] = []
         flow_rows: list[tuple[object, ...]] = []
+        inventory: list[tuple[int, InventoryRow]] = []  # (agent key, fact), in arrival order
         health: dict[int, tuple[object, ...]] = {}  # agent key -> newest health in this group
         batch_rows: list[tuple[object, ...]] = []
         gaps: list[tuple[int, int, int, int]] = []
@@ -268,6 +282,7 @@ class Writer:
             others.extend([(key, seq, *row) for row in item.other_rows])
             zone_rows.extend([(key, seq, *row) for row in item.zone_rows])
             flow_rows.extend([(key, seq, *row) for row in item.flow_rows])
+            inventory.extend([(key, row) for row in item.inventory_rows])
             for h in item.health_rows:
                 if key not in health or h.time_ms >= int(health[key][0]):  # type: ignore[call-overload]
                     health[key] = (
@@ -295,6 +310,8 @@ class Writer:
                     db.executemany(_INSERT_ZONE_TRAFFIC, zone_rows)
                 if flow_rows:
                     db.executemany(_INSERT_FLOWS, flow_rows)
+                for key, fact in inventory:
+                    _apply_inventory(db, key, fact)
                 if health:
                     db.executemany(
                         "UPDATE agents SET health_ms = ?, cpu_percent = ?, rss_bytes = ?, spool_bytes = ?,"
@@ -359,6 +376,66 @@ class Writer:
     def transaction(self) -> _Transaction:
         """BEGIN IMMEDIATE ... COMMIT for a write of another module (store/process.py's small ops)."""
         return _Transaction(self._db)
+
+
+_ROUTE_COLUMNS = "destination, gateway, interface, route_table, metric, policy"
+_ROUTE_KEYS = ("destination", "gateway", "interface", "table", "metric", "policy")
+
+
+def _apply_inventory(db: sqlite3.Connection, key: int, fact: InventoryRow) -> None:
+    """One inventory fact of agent ``key`` (see the module docstring), inside the caller's transaction."""
+    row = db.execute("SELECT updated_ms FROM host_inventory WHERE agent = ?", (key,)).fetchone()
+    if row is not None and fact.time_ms < row[0]:
+        return
+    t = fact.time_ms
+    addresses = set(db.execute("SELECT interface, cidr FROM host_addresses WHERE agent = ?", (key,)))
+    routes = set(db.execute(f"SELECT {_ROUTE_COLUMNS} FROM host_routes WHERE agent = ?", (key,)))
+    if fact.full:
+        gone_addresses = addresses - set(fact.addresses_added)
+        new_addresses = set(fact.addresses_added) - addresses
+        gone_routes = routes - set(fact.routes_added)
+        new_routes = set(fact.routes_added) - routes
+    else:
+        gone_addresses = addresses & set(fact.addresses_removed)
+        new_addresses = set(fact.addresses_added) - (addresses - gone_addresses)
+        gone_routes = routes & set(fact.routes_removed)
+        new_routes = set(fact.routes_added) - (routes - gone_routes)
+    db.executemany(
+        "DELETE FROM host_addresses WHERE agent = ? AND interface = ? AND cidr = ?",
+        [(key, *a) for a in gone_addresses],
+    )
+    db.executemany(
+        "DELETE FROM host_routes WHERE agent = ? AND destination = ? AND gateway = ? AND interface = ?"
+        " AND route_table = ? AND metric = ? AND policy = ?",
+        [(key, *r) for r in gone_routes],
+    )
+    db.executemany("INSERT INTO host_addresses VALUES (?, ?, ?, ?)", [(key, *a, t) for a in new_addresses])
+    db.executemany(
+        f"INSERT INTO host_routes (agent, {_ROUTE_COLUMNS}, since_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(key, *r, t) for r in new_routes],
+    )
+    changes = [
+        *((change, "address", _json(("interface", "cidr"), a)) for change, items in
+          (("removed", gone_addresses), ("added", new_addresses)) for a in sorted(items)),
+        *((change, "route", _json(_ROUTE_KEYS, r)) for change, items in
+          (("removed", gone_routes), ("added", new_routes)) for r in sorted(items)),
+    ]  # fmt: skip
+    db.executemany(
+        "INSERT INTO inventory_changes (agent, time_ms, change, kind, value) VALUES (?, ?, ?, ?, ?)",
+        [(key, t, *change) for change in changes],
+    )
+    db.execute(
+        "INSERT INTO host_inventory (agent, hostname, os_name, os_version, dns_resolvers, updated_ms,"
+        " full_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent) DO UPDATE SET"
+        " hostname = excluded.hostname, os_name = excluded.os_name, os_version = excluded.os_version,"
+        " dns_resolvers = excluded.dns_resolvers, updated_ms = excluded.updated_ms,"
+        " full_ms = max(host_inventory.full_ms, excluded.full_ms)",
+        (key, fact.hostname, fact.os_name, fact.os_version, fact.dns_resolvers, t, t if fact.full else 0),
+    )
+
+
+def _json(keys: tuple[str, ...], values: tuple[object, ...]) -> str:
+    return json.dumps(dict(zip(keys, values, strict=True)), ensure_ascii=False, sort_keys=True)
 
 
 class _Transaction:

@@ -242,3 +242,13 @@ def test_a_collector_without_port_is_refused(tmp_path: Path, collector: str) -> 
 
 def test_config_errors_are_agent_errors() -> None:
     assert issubclass(ConfigError, AgentError)
+
+
+def test_a_cap_bounds_one_delay_and_the_growth_behind_it() -> None:
+    from agent.backoff import Backoff
+
+    backoff = Backoff(0.5, 60.0, rand=lambda: 1.0)
+    delays = [backoff.next_delay(8.0) for _ in range(8)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]  # unreachable: never more than 8 s apart
+    # A refusal after that resumes the doubling from the cap.
+    assert [backoff.next_delay(), backoff.next_delay()] == [8.0, 16.0]

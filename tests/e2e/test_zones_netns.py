@@ -7,73 +7,18 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import cli_json
-from testnet import ROOT, ZONE_CATALOG, Host, TestNetwork, require_root_netns
+from fleet import enroll, next_tick, start_collector
+from testnet import ROOT, ZONE_CATALOG, TestNetwork, require_root_netns
 
 pytestmark = pytest.mark.netns
 
 ETHERNET_HEADER = 14  # veth counters count it; nftables counts IP bytes
-
-
-def start_collector(
-    central: Host, db: Path, zones: Path, *, tls: bool = False
-) -> tuple[subprocess.Popen[Any], str]:
-    """A collector on the extranet serving the catalog; returns it and its HOST:PORT once it runs.
-    With ``tls`` it first creates its PKI and serves mTLS (enroll agents with ``enroll``)."""
-    listen = f"{central.addr4['extranet']}:7390"
-    if tls:
-        central.python("-m", "collector.cli", "init", "--db", str(db))
-    collector = central.popen(
-        sys.executable, "-m", "collector.cli", "serve", "--db", str(db), "--listen", listen,
-        "--zones", str(zones), "--sample-interval", "1", *([] if tls else ["--insecure"]),
-    )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while not db.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)  # the ports are bound right after the database is opened
-    return collector, listen
-
-
-def enroll(
-    host: Host, central: Host, db: Path, listen: str, state: Path, hostname: str, **labels: str
-) -> None:
-    """What an admin does: a token on the collector, then the printed `zonewatch-agent enroll` on the host."""
-    flags = [part for name, value in labels.items() for part in (f"--{name}", value)]
-    created = central.python(
-        "-m", "collector.cli", "tokens", "create", "--db", str(db), "--collector", listen, *flags
-    ).stdout  # fmt: skip
-    (command,) = [line.split() for line in created.splitlines() if "zonewatch-agent enroll" in line]
-    host.python("-m", "agent.cli", *command[1:], "--state-dir", str(state), "--hostname", hostname)
-
-
-def ticks(db: Path) -> tuple[int, int]:
-    """(rows, newest time) of zone_traffic: each agent tick adds rows."""
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            row = con.execute("SELECT count(*), coalesce(max(time_ms), 0) FROM zone_traffic").fetchone()
-            return int(row[0]), int(row[1])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0, 0
-
-
-def next_tick(db: Path, after: int, timeout: float = 15.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _, newest = ticks(db)
-        if newest > after:
-            return newest
-        time.sleep(0.02)
-    raise AssertionError("the agent reported no zone traffic in time")
 
 
 def zone_totals(db: Path, after: int, upto: int) -> dict[str, tuple[int, int]]:
@@ -113,7 +58,7 @@ def test_bytes_per_zone_equal_the_interfaces_and_a_catalog_edit_reaches_the_agen
             host, central, db, listen, tmp_path / "agent", "ga-ws-01", department="市公安局", county="高新区"
         )
         agent = host.popen(
-            sys.executable, "-m", "agent.cli", "run", "--interval", "1",
+            sys.executable, "-m", "agent", "run", "--interval", "1",
             "--state-dir", str(tmp_path / "agent"), "--hostname", "ga-ws-01",
         )  # fmt: skip
         first = next_tick(db, 0, timeout=30)

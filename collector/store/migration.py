@@ -1,0 +1,456 @@
+"""Migration state in the database: gather the evidence, keep states, transitions and exemptions.
+
+``evaluate`` runs in the writer process (the only writer), every few seconds. It is incremental:
+
+- Bytes exchanged with dedicated and extranet zones are folded from new ``zone_traffic`` rows
+  (by id, like the rollups) into ``migration_traffic`` (first/last time and bytes per agent and
+  zone), so "when did this host last talk to its dedicated network" costs no scan of the raw
+  rows, and survives their pruning.
+- Only hosts with news (traffic with those zones, an inventory change) or a deadline due
+  (``migration_states.recheck_ms``: a quiet period ending, an exemption expiring, an agent going
+  silent) are decided again; ``full`` decides every host (after a catalog change).
+
+Each (host, network) pair has one row in ``migration_states``; every change of state is appended
+to ``migration_transitions`` with its time and evidence: the history, and the facts the rule
+engine matches (a transition to ``regressed``, an exemption expiring).
+
+The pairs considered: the dedicated networks of the host's department, and any dedicated
+network the host shows evidence of.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+from collector.errors import QueryError, StoreError
+from collector.migration import (
+    NEVER,
+    STATES,
+    Catalog,
+    Decision,
+    Evidence,
+    Exemption,
+    MigrationPolicy,
+    ZoneNets,
+    decide,
+)
+from collector.store.sql import transaction, translated
+
+MAX_BLOCKERS = 10
+MAX_AGENTS_PER_STEP = 2_000
+
+
+class EvaluationReport(NamedTuple):
+    traffic_rows: int
+    agents: int
+    transitions: int
+
+
+class StateRow(NamedTuple):
+    hostname: str
+    agent_id: str
+    department: str
+    county: str
+    network: str
+    state: str
+    since_ms: int
+    evaluated_ms: int
+    evidence: dict[str, Any]
+
+
+class ExemptionRow(NamedTuple):
+    id: int
+    hostname: str
+    agent_id: str
+    network: str
+    reason: str
+    approved_by: str
+    reference: str
+    created_ms: int
+    until_ms: int
+
+
+def catalog(db: sqlite3.Connection) -> Catalog:
+    zones = []
+    for name, kind, department, networks in db.execute("SELECT name, kind, department, networks FROM zones"):
+        nets = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in networks.split(",") if n.strip())
+        zones.append(ZoneNets(name, kind, department, nets))
+    return Catalog(zones)
+
+
+def evaluate(
+    db: sqlite3.Connection, now_ms: int, policy: MigrationPolicy, *, full: bool = False
+) -> EvaluationReport:
+    """One evaluation step (see the module docstring); one transaction."""
+    try:
+        with transaction(db):
+            cat = catalog(db)
+            if not cat.dedicated():
+                return EvaluationReport(0, 0, 0)
+            folded, traffic_agents = _fold_traffic(db, cat)
+            agents = traffic_agents | _inventory_news(db)
+            agents |= {
+                a
+                for (a,) in db.execute(
+                    "SELECT DISTINCT agent FROM migration_states WHERE recheck_ms <= ?", (now_ms,)
+                )
+            }
+            departments = {z.department for z in cat.dedicated() if z.department}
+            known = {a for (a,) in db.execute("SELECT DISTINCT agent FROM migration_states")}
+            for key, department in db.execute("SELECT id, department FROM agents"):
+                if full or (key not in known and department in departments):
+                    agents.add(key)
+            transitions = 0
+            decided = sorted(agents)[:MAX_AGENTS_PER_STEP]
+            for key in decided:
+                transitions += _evaluate_agent(db, cat, key, now_ms, policy)
+            if len(agents) > len(decided):  # the rest at the next step: bounded transactions
+                db.executemany(
+                    "UPDATE migration_states SET recheck_ms = ? WHERE agent = ?",
+                    [(now_ms, key) for key in sorted(agents)[MAX_AGENTS_PER_STEP:]],
+                )
+            return EvaluationReport(folded, len(decided), transitions)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot evaluate migration states: {exc}") from exc
+
+
+def _fold_traffic(db: sqlite3.Connection, cat: Catalog) -> tuple[int, set[int]]:
+    (cursor,) = db.execute("SELECT last_id FROM migration_cursor WHERE source = 'zone_traffic'").fetchone()
+    zones = {z.name for z in cat.dedicated()} | cat.extranet_names()
+    rows = db.execute(
+        "SELECT id, agent, zone, time_ms, bytes_in + bytes_out, sampling_rate FROM zone_traffic"
+        " WHERE id > ? ORDER BY id LIMIT 200000",
+        (cursor,),
+    ).fetchall()
+    if not rows:
+        return 0, set()
+    folded: dict[tuple[int, str], list[int]] = {}
+    for _, agent, zone, time_ms, count, rate in rows:
+        if zone not in zones or count <= 0:
+            continue
+        into = folded.setdefault((agent, zone), [time_ms, time_ms, 0])
+        into[0] = min(into[0], time_ms)
+        into[1] = max(into[1], time_ms)
+        into[2] += round(count / (rate or 1.0))
+    db.executemany(
+        "INSERT INTO migration_traffic (agent, zone, first_ms, last_ms, bytes) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (agent, zone) DO UPDATE SET first_ms = min(first_ms, excluded.first_ms),"
+        " last_ms = max(last_ms, excluded.last_ms), bytes = min(bytes + excluded.bytes, 9223372036854775807)",
+        [(agent, zone, *values) for (agent, zone), values in folded.items()],
+    )
+    db.execute("UPDATE migration_cursor SET last_id = ? WHERE source = 'zone_traffic'", (rows[-1][0],))
+    return len(rows), {agent for agent, _ in folded}
+
+
+def _inventory_news(db: sqlite3.Connection) -> set[int]:
+    (cursor,) = db.execute(
+        "SELECT last_id FROM migration_cursor WHERE source = 'inventory_changes'"
+    ).fetchone()
+    row = db.execute("SELECT max(id) FROM inventory_changes WHERE id > ?", (cursor,)).fetchone()
+    if row[0] is None:
+        return set()
+    agents = {
+        a for (a,) in db.execute("SELECT DISTINCT agent FROM inventory_changes WHERE id > ?", (cursor,))
+    }
+    db.execute("UPDATE migration_cursor SET last_id = ? WHERE source = 'inventory_changes'", (row[0],))
+    return agents
+
+
+def _evaluate_agent(
+    db: sqlite3.Connection, cat: Catalog, key: int, now_ms: int, policy: MigrationPolicy
+) -> int:
+    agent = db.execute(
+        "SELECT department, first_seen_ms, last_seen_ms FROM agents WHERE id = ?", (key,)
+    ).fetchone()
+    if agent is None:
+        return 0
+    department, first_seen_ms, last_seen_ms = agent
+    extranet_zones = cat.extranet_names()
+    evidence: dict[str, Evidence] = defaultdict(Evidence)
+    for interface, cidr in db.execute("SELECT interface, cidr FROM host_addresses WHERE agent = ?", (key,)):
+        zone = cat.zone_of(cidr)
+        if zone:
+            evidence[zone].addresses.append(f"{interface} {cidr}")
+    for dest, gateway, interface, table, policy_text in db.execute(
+        "SELECT destination, gateway, interface, route_table, policy FROM host_routes WHERE agent = ?", (key,)
+    ):
+        text = f"{dest}{f' via {gateway}' if gateway else ''} dev {interface} table {table}"
+        text += f" ({policy_text})" if policy_text else ""
+        for zone in cat.route_zones(dest, gateway):
+            evidence[zone].routes.append(text)
+    for zone, last_ms, count in db.execute(
+        "SELECT zone, last_ms, bytes FROM migration_traffic WHERE agent = ?", (key,)
+    ):
+        evidence[zone].last_traffic_ms, evidence[zone].bytes = last_ms, count
+    for kind, value, time_ms in db.execute(
+        "SELECT kind, value, time_ms FROM inventory_changes WHERE agent = ? AND change = 'removed'", (key,)
+    ):
+        for zone in _zones_of_change(cat, kind, value):
+            evidence[zone].last_removed_ms = max(evidence[zone].last_removed_ms, time_ms)
+    extranet = Evidence()
+    for zone in extranet_zones & set(evidence):
+        e = evidence[zone]
+        extranet.addresses += e.addresses
+        extranet.routes += e.routes
+        extranet.last_traffic_ms = max(extranet.last_traffic_ms, e.last_traffic_ms)
+        extranet.bytes += e.bytes
+        extranet.last_removed_ms = max(extranet.last_removed_ms, e.last_removed_ms)
+    previous = {
+        network: (state, since)
+        for network, state, since in db.execute(
+            "SELECT network, state, since_ms FROM migration_states WHERE agent = ?", (key,)
+        )
+    }
+    networks = {z.name for z in cat.dedicated() if department and z.department == department}
+    networks |= {z.name for z in cat.dedicated() if z.name in evidence} | set(previous)
+    transitions = 0
+    for network in sorted(networks):
+        if network not in cat.zones:
+            continue  # gone from the catalog: its row stays as it was, for the record
+        dedicated = evidence.get(network, Evidence())
+        blockers = _blockers(db, key, network, now_ms - policy.quiet_ms) if dedicated.last_traffic_ms else []
+        prev_state, prev_since = previous.get(network, (None, now_ms))
+        decision = decide(
+            now_ms=now_ms,
+            policy=policy,
+            previous=prev_state,
+            first_seen_ms=first_seen_ms,
+            last_seen_ms=last_seen_ms,
+            dedicated=dedicated,
+            extranet=extranet,
+            exemption=_exemption(db, key, network, now_ms),
+            blockers=blockers,
+        )
+        transitions += _record(db, key, network, decision, prev_state, prev_since, now_ms)
+    return transitions
+
+
+def _zones_of_change(cat: Catalog, kind: str, value: str) -> set[str]:
+    try:
+        item = json.loads(value)
+    except ValueError:
+        return set()
+    if kind == "address":
+        zone = cat.zone_of(str(item.get("cidr", "")))
+        return {zone} if zone else set()
+    return cat.route_zones(str(item.get("destination", "")), str(item.get("gateway", "")))
+
+
+def _blockers(db: sqlite3.Connection, key: int, network: str, since_ms: int) -> list[dict[str, Any]]:
+    """The processes, peers and ports still exchanging traffic with the network, most bytes first."""
+    rows = db.execute(
+        "SELECT process, user, max(cmdline), remote_addr, remote_port, ip_protocol,"
+        " sum(bytes_out) + sum(bytes_in), count(*), max(end_ms) FROM flows"
+        " WHERE agent = ? AND remote_zone = ? AND time_ms >= ?"
+        " GROUP BY process, user, remote_addr, remote_port, ip_protocol ORDER BY 7 DESC LIMIT ?",
+        (key, network, since_ms, MAX_BLOCKERS),
+    ).fetchall()
+    fields = ("process", "user", "cmdline", "remote_addr", "remote_port", "ip_protocol", "bytes", "flows",
+              "last_ms")  # fmt: skip
+    return [dict(zip(fields, row, strict=True)) for row in rows]
+
+
+def _exemption(db: sqlite3.Connection, key: int, network: str, now_ms: int) -> Exemption | None:
+    row = db.execute(
+        "SELECT id, reason, approved_by, reference, until_ms FROM migration_exemptions"
+        " WHERE agent = ? AND network = ? AND revoked_ms IS NULL AND until_ms > ? ORDER BY until_ms DESC",
+        (key, network, now_ms),
+    ).fetchone()
+    return Exemption(*row) if row else None
+
+
+def _record(
+    db: sqlite3.Connection,
+    key: int,
+    network: str,
+    decision: Decision,
+    prev_state: str | None,
+    prev_since: int,
+    now_ms: int,
+) -> int:
+    evidence = json.dumps(decision.evidence, ensure_ascii=False, sort_keys=True)
+    changed = decision.state != prev_state
+    since = now_ms if changed else prev_since
+    db.execute(
+        "INSERT INTO migration_states (agent, network, state, since_ms, evaluated_ms, recheck_ms, evidence)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent, network) DO UPDATE SET state = excluded.state,"
+        " since_ms = excluded.since_ms, evaluated_ms = excluded.evaluated_ms,"
+        " recheck_ms = excluded.recheck_ms, evidence = excluded.evidence",
+        (key, network, decision.state, since, now_ms, min(decision.recheck_ms, NEVER), evidence),
+    )
+    if not changed:
+        return 0
+    db.execute(
+        "INSERT INTO migration_transitions (agent, network, from_state, to_state, time_ms, evidence)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (key, network, prev_state or "", decision.state, now_ms, evidence),
+    )
+    return 1
+
+
+# --- exemptions ----------------------------------------------------------------------------------
+
+
+def exempt(
+    db: sqlite3.Connection,
+    key: int,
+    network: str,
+    *,
+    reason: str,
+    approved_by: str,
+    reference: str,
+    until_ms: int,
+    now_ms: int,
+) -> int:
+    """Record an approved exception; refuses an unknown network, a past expiry, a conflict."""
+    for name, value in (("reason", reason), ("approved-by", approved_by)):
+        if not value.strip():
+            raise QueryError(f"an exemption needs --{name}")
+    if until_ms <= now_ms:
+        raise QueryError("an exemption's expiry must be in the future")
+    with translated("record the exemption"), transaction(db):
+        zone = db.execute("SELECT kind FROM zones WHERE name = ?", (network,)).fetchone()
+        if zone is None or zone[0] != "dedicated":
+            raise QueryError(f"no dedicated network named {network!r} in the zone catalog")
+        clash = db.execute(
+            "SELECT id, until_ms FROM migration_exemptions WHERE agent = ? AND network = ?"
+            " AND revoked_ms IS NULL AND until_ms > ?",
+            (key, network, now_ms),
+        ).fetchone()
+        if clash is not None:
+            raise QueryError(
+                f"exemption {clash[0]} already covers this host and network until {clash[1]} (ms); "
+                "unexempt it first"
+            )
+        cursor = db.execute(
+            "INSERT INTO migration_exemptions (agent, network, reason, approved_by, reference, created_ms,"
+            " until_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, network, reason.strip(), approved_by.strip(), reference.strip(), now_ms, until_ms),
+        )
+        # Decided again at the next evaluation step.
+        db.execute(
+            "UPDATE migration_states SET recheck_ms = ? WHERE agent = ? AND network = ?",
+            (now_ms, key, network),
+        )
+    return int(cursor.lastrowid or 0)
+
+
+def unexempt(db: sqlite3.Connection, key: int, network: str, now_ms: int, by: str) -> int:
+    with translated("end the exemption"), transaction(db):
+        changed = db.execute(
+            "UPDATE migration_exemptions SET revoked_ms = ?, revoked_by = ? WHERE agent = ? AND network = ?"
+            " AND revoked_ms IS NULL AND until_ms > ?",
+            (now_ms, by, key, network, now_ms),
+        ).rowcount
+        if not changed:
+            raise QueryError(f"no exemption in force for this host and {network!r}")
+        db.execute(
+            "UPDATE migration_states SET recheck_ms = ? WHERE agent = ? AND network = ?",
+            (now_ms, key, network),
+        )
+    return int(changed)
+
+
+# --- queries ----------------------------------------------------------------------------------------
+
+
+def states(
+    db: sqlite3.Connection, *, agent: int | None = None, network: str | None = None, state: str | None = None
+) -> list[StateRow]:
+    if state is not None and state not in STATES:
+        raise QueryError(f"unknown state {state!r}: use one of {', '.join(STATES)}")
+    where, params = ["1"], []
+    for column, value in (("m.agent", agent), ("m.network", network), ("m.state", state)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    with translated("query migration states"):
+        rows = db.execute(
+            "SELECT a.hostname, a.agent_id, a.department, a.county, m.network, m.state, m.since_ms,"
+            " m.evaluated_ms, m.evidence FROM migration_states AS m JOIN agents AS a ON a.id = m.agent"
+            f" WHERE {' AND '.join(where)} ORDER BY a.department, a.hostname, m.network",
+            params,
+        ).fetchall()
+    return [StateRow._make((*row[:-1], json.loads(row[-1]))) for row in rows]
+
+
+def exemptions(db: sqlite3.Connection, now_ms: int) -> list[ExemptionRow]:
+    """Exemptions in force, soonest to expire first."""
+    with translated("query exemptions"):
+        rows = db.execute(
+            "SELECT e.id, a.hostname, a.agent_id, e.network, e.reason, e.approved_by, e.reference,"
+            " e.created_ms, e.until_ms FROM migration_exemptions AS e JOIN agents AS a ON a.id = e.agent"
+            " WHERE e.revoked_ms IS NULL AND e.until_ms > ? ORDER BY e.until_ms",
+            (now_ms,),
+        ).fetchall()
+    return [ExemptionRow(*row) for row in rows]
+
+
+def transitions(
+    db: sqlite3.Connection, *, since_ms: int, until_ms: int, agent: int | None = None
+) -> list[dict[str, Any]]:
+    with translated("query migration history"):
+        rows = db.execute(
+            "SELECT t.time_ms, a.hostname, a.agent_id, a.department, a.county, t.network, t.from_state,"
+            " t.to_state FROM migration_transitions AS t JOIN agents AS a ON a.id = t.agent"
+            " WHERE t.time_ms >= ? AND t.time_ms < ?"
+            + (" AND t.agent = ?" if agent is not None else "")
+            + " ORDER BY t.time_ms, t.id",
+            (since_ms, until_ms, *([agent] if agent is not None else [])),
+        ).fetchall()
+    fields = ("time_ms", "hostname", "agent_id", "department", "county", "network", "from_state", "to_state")
+    return [dict(zip(fields, row, strict=True)) for row in rows]
+
+
+class Summary(NamedTuple):
+    group: str
+    hosts: int  # (host, network) pairs
+    counts: dict[str, int]  # state -> pairs
+    percent_migrated: float  # migrated + exempt of all but unknown
+
+
+def summarize(rows: list[StateRow], by: str) -> list[Summary]:
+    """Counts per state for each department, county or network; busiest group first."""
+    key = {"department": lambda r: r.department, "county": lambda r: r.county, "network": lambda r: r.network}
+    if by not in key:
+        raise QueryError(f"cannot group migration by {by!r}: use department, county or network")
+    groups: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(STATES, 0))
+    for row in rows:
+        groups[key[by](row) or "(none)"][row.state] += 1
+    out = []
+    for group, counts in groups.items():
+        total = sum(counts.values())
+        known = total - counts["unknown"]
+        done = counts["migrated"] + counts["exempt"]
+        out.append(Summary(group, total, counts, round(100.0 * done / known, 1) if known else 0.0))
+    out.sort(key=lambda s: (-s.hosts, s.group))
+    return out
+
+
+def trend(db: sqlite3.Connection, *, since_ms: int, until_ms: int, bucket_ms: int) -> list[dict[str, Any]]:
+    """Pairs per state at the end of each bucket, replayed from the transitions."""
+    with translated("query the migration trend"):
+        rows = db.execute(
+            "SELECT agent, network, to_state, time_ms FROM migration_transitions WHERE time_ms < ?"
+            " ORDER BY time_ms, id",
+            (until_ms,),
+        ).fetchall()
+    current: dict[tuple[int, str], str] = {}
+    out: list[dict[str, Any]] = []
+    index = 0
+    edge = since_ms - since_ms % bucket_ms + bucket_ms
+    while edge - bucket_ms < until_ms:
+        while index < len(rows) and rows[index][3] < edge:
+            agent, network, state, _ = rows[index]
+            current[(agent, network)] = state
+            index += 1
+        counts = dict.fromkeys(STATES, 0)
+        for state in current.values():
+            counts[state] += 1
+        out.append({"bucket_end_ms": edge, **counts})
+        edge += bucket_ms
+    return out
