@@ -66,6 +66,12 @@ def add_parsers(
     create.add_argument("--uses", type=int, default=1, help="how many hosts may enroll with it (default 1)")
     create.add_argument("--note", default="", help="free text: what or whom the token is for")
     create.add_argument(
+        "--replace",
+        metavar="AGENT",
+        help="for a reinstalled host: the agent (id or hostname) whose record, history and name the new "
+        "enrollment takes over; its old certificates are revoked",
+    )
+    create.add_argument(
         "--collector",
         default="",
         metavar="HOST:PORT",
@@ -170,6 +176,11 @@ def _create_token(args: argparse.Namespace, db: Any, now: int) -> int:
         if len(value) > 128 or not value.isprintable():
             raise CollectorError(f"--{name} must be at most 128 printable characters")
     authority = pki.load_pki(pki_dir(args))  # a token is useless without the CA agents will pin
+    replaces = None
+    if args.replace:
+        from collector.store.queries import resolve_agent
+
+        replaces = resolve_agent(db, args.replace)
     token = pki.new_token()
     token_id = enrollment.create_token(
         db,
@@ -179,6 +190,7 @@ def _create_token(args: argparse.Namespace, db: Any, now: int) -> int:
         expires_ms=now + args.expires,
         uses=args.uses,
         note=args.note,
+        replaces=replaces,
     )
     collector = args.collector or f"<collector-address>:{DEFAULT_LISTEN.rsplit(':')[1]}"
     print(f"token {token_id}: {token}")

@@ -84,8 +84,9 @@ class Catalog:
         return ""
 
     def route_zones(self, destination: str, gateway: str) -> set[str]:
-        """The zones a route leads towards: those its destination overlaps (not for a default
-        route, which overlaps everything) and the zone of its gateway."""
+        """The zones a route leads towards: those that contain its destination, and the zone of
+        its gateway. A broader route (a summary such as 10.0.0.0/8, a default, a VPN's 0.0.0.0/1)
+        says nothing of one network inside it, only of where it goes: its gateway."""
         zones: set[str] = set()
         if gateway:
             zones.add(self.zone_of(gateway))
@@ -95,7 +96,7 @@ class Catalog:
             return zones - {""}
         if dest.prefixlen:
             for net, name in self._by_prefix:
-                if net.version == dest.version and net.overlaps(dest):
+                if net.version == dest.version and dest.subnet_of(net):  # type: ignore[arg-type]
                     zones.add(name)
         return zones - {""}
 

@@ -130,6 +130,14 @@ class AgentService:
         self._confirmed: dict[str, str] = {}
 
     async def report(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        admission: Admission | None = None
+        if self._trust.secure:
+            # Before anything else, and before it takes a slot: a caller without a certificate of
+            # ours (the enrollment port asks for none) must not hold streams open.
+            try:
+                admission = await self._trust.admit(context.auth_context(), None)
+            except Refusal as refusal:
+                await self._refuse(context, refusal, "", "admission", context.peer())
         if self.open_streams >= self._max_streams:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -137,11 +145,11 @@ class AgentService:
             )
         self.open_streams += 1
         try:
-            await self._report(context)
+            await self._report(context, admission)
         finally:
             self.open_streams -= 1
 
-    async def _report(self, context: grpc.aio.ServicerContext) -> None:
+    async def _report(self, context: grpc.aio.ServicerContext, admission: Admission | None) -> None:
         peer = context.peer()
         try:
             first = await asyncio.wait_for(context.read(), self._hello_timeout)
@@ -164,12 +172,12 @@ class AgentService:
                 )
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        admission: Admission | None = None
-        if self._trust.secure:
-            try:
-                admission = await self._trust.admit(context.auth_context(), hello.agent_id)
-            except Refusal as refusal:
-                await self._refuse(context, refusal, hello.agent_id, "admission", peer)
+        if admission is not None and hello.agent_id != admission.agent_id:
+            refusal = Refusal(
+                "PERMISSION_DENIED",
+                f"this certificate belongs to agent {admission.agent_id}, not {hello.agent_id}",
+            )
+            await self._refuse(context, refusal, hello.agent_id, "admission", peer)
         try:
             acked = await self._ingest.register(hello, self._clock_ms(), enrolled=admission is not None)
         except CollectorError as exc:
@@ -191,6 +199,8 @@ class AgentService:
         receiver = asyncio.create_task(self._receive(hello.agent_id, peer, replies, context))
         sender = asyncio.create_task(self._send_replies(replies, context))
         revoked = self._trust.watch(admission.serial) if admission else asyncio.Event()
+        if admission is not None and await self._trust.revoked_since_admission(admission):
+            revoked.set()  # revoked while we were registering it: the poller may have passed it by
         revocation = asyncio.create_task(revoked.wait())
         try:
             await asyncio.wait({receiver, sender, revocation}, return_when=asyncio.FIRST_COMPLETED)

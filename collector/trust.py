@@ -220,6 +220,14 @@ class Trust:
             raise Refusal("PERMISSION_DENIED", f"the certificate of agent {identity.agent_id} is revoked")
         return Admission(identity.agent_id, identity.serial)
 
+    async def revoked_since_admission(self, admission: Admission) -> bool:
+        """Looked up again once the stream is watched, so a revocation in between is not missed."""
+        try:
+            status = await self._ingest.certificate(admission.serial)
+        except CollectorError:
+            return False  # storage failing: the stream fails on its own
+        return status is None or status.revoked
+
     def watch(self, serial: str) -> asyncio.Event:
         """An event set when ``serial`` is revoked; ``unwatch`` it when the stream ends."""
         event = asyncio.Event()

@@ -77,16 +77,19 @@ def create_token(
     expires_ms: int,
     uses: int,
     note: str = "",
+    replaces: int | None = None,
 ) -> int:
     if uses < 1:
         raise QueryError(f"a token must allow at least one use, not {uses}")
     if expires_ms <= now_ms:
         raise QueryError("a token must expire in the future")
+    if replaces is not None and uses != 1:
+        raise QueryError("a token that replaces an agent is for one enrollment (--uses 1)")
     with _transaction(db, "create the token"):
         cursor = db.execute(
             "INSERT INTO enrollment_tokens (token_hash, department, county, site, role, created_ms,"
-            " expires_ms, uses_left, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (token_hash, *labels, now_ms, expires_ms, uses, note),
+            " expires_ms, uses_left, note, replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (token_hash, *labels, now_ms, expires_ms, uses, note, replaces),
         )
     return int(cursor.lastrowid or 0)
 
@@ -135,20 +138,20 @@ def redeem(
 ) -> Enrolled:
     """Use the token once and enrol the agent with its first certificate, in one transaction.
 
-    A host enrolling again (the agent reinstalled, its key new) is recognised by its machine id
-    and hostname: it takes over its old record (history, labels from the new token) under its
-    new agent id, its sequence starts again, and its old certificates are revoked. Without a
-    machine id a new record is made.
+    A reinstalled host (its key new) takes over its old record only with a token made for that
+    (``replaces``, from ``tokens create --replace AGENT``): history kept, labels from the new
+    token, its sequence starts again, its old certificates revoked. Anything the host says about
+    itself (machine id, hostname) would let one host hijack another's record, so it decides nothing.
     """
     with _transaction(db, "enroll the agent"):
         token = db.execute(
-            "SELECT id, department, county, site, role, expires_ms, uses_left, revoked_ms"
+            "SELECT id, department, county, site, role, expires_ms, uses_left, revoked_ms, replaces"
             " FROM enrollment_tokens WHERE token_hash = ?",
             (token_hash,),
         ).fetchone()
         if token is None:
             raise TokenRefused("unknown enrollment token")
-        token_id, *label_values, expires_ms, uses_left, revoked_ms = token
+        token_id, *label_values, expires_ms, uses_left, revoked_ms, replaces = token
         status = _token_status(revoked_ms, expires_ms, uses_left, now_ms)
         if status != "active":
             raise TokenRefused(f"the enrollment token is {status}")
@@ -158,15 +161,17 @@ def redeem(
             (token_id,),
         )
         replaced = ""
-        row = db.execute("SELECT id FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
-        if row is None and machine_id:
-            row = db.execute(
-                "SELECT id, agent_id FROM agents WHERE machine_id = ? AND hostname = ?"
-                " ORDER BY last_seen_ms DESC LIMIT 1",
-                (machine_id, hostname),
-            ).fetchone()
-            if row is not None:
-                replaced = row[1]
+        row = db.execute("SELECT id, revoked_ms FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+        if row is not None and row[1] is not None:
+            # A revoked key stays revoked: enrolling it again must not undo an operator's revocation.
+            raise TokenRefused("this key's agent is revoked: enroll with a new key")
+        if row is None and replaces is not None:
+            # Only a token made for it (tokens create --replace) takes over an existing record: the
+            # host's machine id and hostname are its own claims, and would let anyone hijack another's.
+            row = db.execute("SELECT id, agent_id FROM agents WHERE id = ?", (replaces,)).fetchone()
+            if row is None:
+                raise TokenRefused("the agent this token was to replace no longer exists")
+            replaced = row[1]
         if row is None:
             cursor = db.execute(
                 "INSERT INTO agents (agent_id, hostname, agent_version, department, county, site, role,"

@@ -42,6 +42,8 @@ from collector.store.sql import transaction, translated
 
 MAX_BLOCKERS = 10
 MAX_AGENTS_PER_STEP = 2_000
+# Agents left over by a step that reached MAX_AGENTS_PER_STEP, decided first by the next.
+_PENDING: set[int] = set()
 
 
 class EvaluationReport(NamedTuple):
@@ -89,14 +91,26 @@ def evaluate(
     try:
         with transaction(db):
             cat = catalog(db)
+            folded, traffic_agents = _fold_traffic(
+                db, cat
+            )  # even without dedicated zones: pruning waits on it
             if not cat.dedicated():
-                return EvaluationReport(0, 0, 0)
-            folded, traffic_agents = _fold_traffic(db, cat)
-            agents = traffic_agents | _inventory_news(db)
+                _inventory_news(db)
+                return EvaluationReport(folded, 0, 0)
+            agents = traffic_agents | _inventory_news(db) | _PENDING
+            _PENDING.clear()
             agents |= {
                 a
                 for (a,) in db.execute(
                     "SELECT DISTINCT agent FROM migration_states WHERE recheck_ms <= ?", (now_ms,)
+                )
+            }
+            # Back from silence: an unknown host that has reported since it was last decided.
+            agents |= {
+                a
+                for (a,) in db.execute(
+                    "SELECT DISTINCT m.agent FROM migration_states AS m JOIN agents AS a ON a.id = m.agent"
+                    " WHERE m.state = 'unknown' AND a.last_seen_ms > m.evaluated_ms"
                 )
             }
             departments = {z.department for z in cat.dedicated() if z.department}
@@ -108,11 +122,9 @@ def evaluate(
             decided = sorted(agents)[:MAX_AGENTS_PER_STEP]
             for key in decided:
                 transitions += _evaluate_agent(db, cat, key, now_ms, policy)
-            if len(agents) > len(decided):  # the rest at the next step: bounded transactions
-                db.executemany(
-                    "UPDATE migration_states SET recheck_ms = ? WHERE agent = ?",
-                    [(now_ms, key) for key in sorted(agents)[MAX_AGENTS_PER_STEP:]],
-                )
+            # The rest at the next step (bounded transactions); kept in this process, which is the
+            # writer's and lives as long as the collector, whose start decides every host anyway.
+            _PENDING.update(sorted(agents)[MAX_AGENTS_PER_STEP:])
             return EvaluationReport(folded, len(decided), transitions)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot evaluate migration states: {exc}") from exc
@@ -209,15 +221,31 @@ def _evaluate_agent(
     networks |= {z.name for z in cat.dedicated() if z.name in evidence} | set(previous)
     transitions = 0
     for network in sorted(networks):
-        if network not in cat.zones:
-            continue  # gone from the catalog: its row stays as it was, for the record
+        if network not in cat.zones or cat.zones[network].kind != "dedicated":
+            # Gone from the catalog (or no longer dedicated): its row stays as it was, for the
+            # record, and is not due again.
+            db.execute(
+                "UPDATE migration_states SET recheck_ms = ? WHERE agent = ? AND network = ?",
+                (NEVER, key, network),
+            )
+            continue
         dedicated = evidence.get(network, Evidence())
         blockers = _blockers(db, key, network, now_ms - policy.quiet_ms) if dedicated.last_traffic_ms else []
         prev_state, prev_since = previous.get(network, (None, now_ms))
+        judged = prev_state
+        if prev_state in ("unknown", "exempt"):
+            # Silence or an exemption does not erase where the host stood: a host that had
+            # migrated and is back on the dedicated network after either has regressed.
+            row = db.execute(
+                "SELECT to_state FROM migration_transitions WHERE agent = ? AND network = ?"
+                " AND to_state NOT IN ('unknown', 'exempt') ORDER BY id DESC LIMIT 1",
+                (key, network),
+            ).fetchone()
+            judged = row[0] if row else prev_state
         decision = decide(
             now_ms=now_ms,
             policy=policy,
-            previous=prev_state,
+            previous=judged,
             first_seen_ms=first_seen_ms,
             last_seen_ms=last_seen_ms,
             dedicated=dedicated,

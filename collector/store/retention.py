@@ -344,6 +344,11 @@ class Maintenance:
                 return 0, True
             deleted = db.execute(f"DELETE FROM zone_traffic WHERE id IN (SELECT id{oldest})", params).rowcount
             self._keep_cursor_below_new_ids(ZONES)
+            # The migration cursor too: ids above the highest row left will be handed out again.
+            db.execute(
+                "UPDATE migration_cursor SET last_id = min(last_id, (SELECT coalesce(max(id), 0)"
+                " FROM zone_traffic)) WHERE source = 'zone_traffic'"
+            )
             self._record_horizon(ZONES, "raw", newest + 1)
         return deleted, deleted < budget
 

@@ -477,6 +477,8 @@ CREATE TABLE migration_exemptions (
     revoked_by TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX migration_exemptions_by_pair ON migration_exemptions (agent, network);
+-- A token made to re-enroll a reinstalled host (tokens create --replace): the agents.id it takes over.
+ALTER TABLE enrollment_tokens ADD COLUMN replaces INTEGER;
 """
 
 # (name, SQL script). Append only: a step, once released, is never edited.

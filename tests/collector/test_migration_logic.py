@@ -101,6 +101,10 @@ def test_the_catalog_finds_zones_of_addresses_and_routes_by_longest_prefix() -> 
     assert cat.zone_of("192.0.2.1") == "" and cat.zone_of("not an address") == ""
     # A default route is towards its gateway's zone only; a specific route towards what it overlaps.
     assert cat.route_zones("0.0.0.0/0", "10.250.1.1") == {"外网"}
-    assert cat.route_zones("10.250.2.0/24", "") == {"公安专网", "公安数据中心"}
+    assert cat.route_zones("10.250.2.0/24", "") == {"公安专网"}
+    assert cat.route_zones("10.250.2.0/28", "") == {"公安专网", "公安数据中心"}
+    # A summary route, or a VPN's half default, says nothing of one network inside it.
+    assert cat.route_zones("10.0.0.0/8", "10.250.1.1") == {"外网"}
+    assert cat.route_zones("0.0.0.0/1", "") == set()
     assert cat.route_zones("::/0", "") == set()
     assert [z.name for z in cat.dedicated()] == ["公安专网", "公安数据中心"]

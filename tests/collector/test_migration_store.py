@@ -192,3 +192,59 @@ def test_the_cli_shows_progress_by_department_and_one_host(
     run_cli(
         "zonewatch-collector", "migration", "unexempt", "both", "--db", str(path), "--network", "公安专网"
     )
+
+
+def test_a_host_back_from_silence_is_decided_again_and_its_regression_is_seen(
+    db: sqlite3.Connection, fleet: Writer
+) -> None:
+    address(db, "ext-only", "eth0", "10.250.1.12/24")
+    seen(db, NOW)
+    migration.evaluate(db, NOW, POLICY)
+    assert states(db)[("ext-only", "公安专网")] == "migrated"
+    # Silent for longer than stale_ms: unknown.
+    migration.evaluate(db, NOW + 61 * MIN, POLICY)
+    assert states(db)[("ext-only", "公安专网")] == "unknown"
+    # It reports again, and has talked to the dedicated network meanwhile: regressed, not not_started.
+    traffic(db, "ext-only", "公安专网", NOW + 62 * MIN)
+    seen(db, NOW + 62 * MIN)
+    migration.evaluate(db, NOW + 62 * MIN + 1, POLICY)
+    assert states(db)[("ext-only", "公安专网")] == "regressed"
+
+
+def test_an_unknown_host_reporting_again_without_news_is_decided_again(
+    db: sqlite3.Connection, fleet: Writer
+) -> None:
+    address(db, "ext-only", "eth0", "10.250.1.12/24")
+    seen(db, NOW)
+    migration.evaluate(db, NOW, POLICY)
+    migration.evaluate(db, NOW + 61 * MIN, POLICY)
+    assert states(db)[("ext-only", "公安专网")] == "unknown"
+    seen(db, NOW + 62 * MIN)  # an ordinary report: no traffic with any zone, no inventory change
+    migration.evaluate(db, NOW + 62 * MIN + 1, POLICY)
+    assert states(db)[("ext-only", "公安专网")] == "migrated"
+
+
+def test_a_network_gone_from_the_catalog_is_not_due_again(db: sqlite3.Connection, fleet: Writer) -> None:
+    address(db, "only-ded", "eth0", "10.250.2.10/24")
+    seen(db, NOW)
+    migration.evaluate(db, NOW, POLICY)
+    fleet.store_catalog([CATALOG[0], ("公安新专网", *CATALOG[1][1:]), CATALOG[2]], "v2", NOW)
+    migration.evaluate(db, NOW + 1000, POLICY, full=True)
+    assert migration.evaluate(db, NOW + 2000, POLICY).agents == 0  # the old network's rows are not due
+    assert states(db)[("only-ded", "公安新专网")] == "not_started"
+
+
+def test_zone_ids_reused_after_pruning_are_still_folded(db: sqlite3.Connection, fleet: Writer) -> None:
+    seen(db, NOW)
+    traffic(db, "ext-only", "市级横向外网", NOW - MIN)
+    migration.evaluate(db, NOW, POLICY)
+    # Retention deletes every row (all old and rolled up), then lowers the cursors with it.
+    from collector.store.retention import Maintenance, RetentionPolicy
+
+    Maintenance(db, RetentionPolicy(raw_hours=1)).run_step(NOW + 2 * 3_600_000, 10_000)
+    Maintenance(db, RetentionPolicy(raw_hours=1)).run_step(NOW + 2 * 3_600_000 + 300_000, 10_000)
+    assert db.execute("SELECT count(*) FROM zone_traffic").fetchone() == (0,)
+    traffic(db, "ext-only", "公安专网", NOW + 2 * 3_600_000)  # gets id 1 again
+    seen(db, NOW + 2 * 3_600_000)
+    migration.evaluate(db, NOW + 2 * 3_600_000 + 1, POLICY)
+    assert states(db)[("ext-only", "公安专网")] == "regressed"

@@ -56,7 +56,13 @@ def ca_pem(collector: Collector) -> bytes:
     return (collector.db.parent / "pki" / "ca.crt").read_bytes()
 
 
-def token(collector: Collector, uses: int = 1, expires_ms: int = 3_600_000, **labels: str) -> str:
+def token(
+    collector: Collector,
+    uses: int = 1,
+    expires_ms: int = 3_600_000,
+    replaces: int | None = None,
+    **labels: str,
+) -> str:
     text = pki.new_token()
     db = open_database(collector.db)
     try:
@@ -67,6 +73,7 @@ def token(collector: Collector, uses: int = 1, expires_ms: int = 3_600_000, **la
             now_ms=now_ms(),
             expires_ms=now_ms() + expires_ms,
             uses=uses,
+            replaces=replaces,
         )
     finally:
         db.close()
@@ -214,8 +221,14 @@ def test_a_reinstalled_host_takes_over_its_record(tmp_path: Path, collector: Col
     assert stream.batch(5).ack.acked_seq == 5
     stream.close()
     key = agent_row(collector.db, first.agent_id)["id"]
+    # What a host says about itself takes over nothing: same machine id and hostname, a new record.
+    impostor = Host(tmp_path / "impostor", "ga-db-01", machine_id=first.machine_id)
+    enroll(collector, impostor, token(collector, department="市公安局"))
+    assert agent_row(collector.db, impostor.agent_id)["id"] != key
+    assert agent_row(collector.db, first.agent_id)["id"] == key
+    # A token made for it (tokens create --replace) does.
     again = Host(tmp_path / "again", "ga-db-01", machine_id=first.machine_id)  # new key, same machine
-    enroll(collector, again, token(collector, department="市公安局"))
+    enroll(collector, again, token(collector, replaces=key, department="市公安局"))
     row = agent_row(collector.db, again.agent_id)
     assert row["id"] == key and row["last_seq"] == 0  # the same record; its sequence starts afresh
     assert agent_row(collector.db, first.agent_id) == {}
@@ -225,6 +238,15 @@ def test_a_reinstalled_host_takes_over_its_record(tmp_path: Path, collector: Col
     with pytest.raises(grpc.RpcError) as info:
         report(collector, first)  # the old installation's certificate is revoked
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_revoked_key_cannot_enroll_itself_back(tmp_path: Path, collector: Collector) -> None:
+    host = Host(tmp_path / "a", "ga-ws-09")
+    enroll(collector, host, token(collector))
+    run_cli("zonewatch-collector", "agents", "revoke", host.agent_id, "--db", str(collector.db))
+    with pytest.raises(grpc.RpcError) as info:
+        enroll(collector, host, token(collector))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in str(info.value.details())
 
 
 def test_renewal_gives_the_same_key_a_fresh_certificate(tmp_path: Path, collector: Collector) -> None:
