@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from collector import validate
 from collector.errors import CollectorError, ValidationError
@@ -30,6 +30,7 @@ from collector.zones import ZoneCatalog
 from protos.zonewatch.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=Message)
 
 SERVICE = "zonewatch.v1.AgentService"
 # Batches one stream may have between receipt and ack; beyond it we stop
@@ -44,31 +45,30 @@ class Unparseable:
         self.error = error
 
 
-def parse_report_request(data: bytes) -> agent_pb2.ReportRequest | Unparseable:
-    # Parsing here instead of in grpc's own deserializer keeps a malformed message
-    # from killing the stream with INTERNAL: it becomes an in-band rejection.
-    try:
-        return agent_pb2.ReportRequest.FromString(data)
-    except DecodeError as exc:
-        return Unparseable(str(exc) or "cannot parse message")
+def lenient(message: type[_M]) -> Callable[[bytes], _M | Unparseable]:
+    """A deserializer that answers Unparseable instead of raising.
+
+    Parsing here instead of in grpc's own deserializer keeps a malformed message (bad UTF-8,
+    truncated) from killing the call with INTERNAL: it gets a clear status, or on a Report
+    stream an in-band rejection.
+    """
+
+    def parse(data: bytes) -> _M | Unparseable:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Unparseable(str(exc) or "cannot parse message")
+
+    return parse
+
+
+parse_report_request = lenient(agent_pb2.ReportRequest)
+parse_enroll_request = lenient(agent_pb2.EnrollRequest)
+parse_renew_request = lenient(agent_pb2.RenewRequest)
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def parse_enroll_request(data: bytes) -> agent_pb2.EnrollRequest | Unparseable:
-    try:
-        return agent_pb2.EnrollRequest.FromString(data)
-    except DecodeError as exc:
-        return Unparseable(str(exc) or "cannot parse message")
-
-
-def parse_renew_request(data: bytes) -> agent_pb2.RenewRequest | Unparseable:
-    try:
-        return agent_pb2.RenewRequest.FromString(data)
-    except DecodeError as exc:
-        return Unparseable(str(exc) or "cannot parse message")
 
 
 async def _refuse(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
@@ -409,29 +409,32 @@ class AgentService:
     async def enroll(
         self, request: agent_pb2.EnrollRequest | Unparseable, context: grpc.aio.ServicerContext
     ) -> agent_pb2.EnrollResponse:
-        if isinstance(request, Unparseable):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"not a zonewatch.v1.EnrollRequest: {request.error}"
-            )
-            raise AssertionError("not reached: abort raises")
-        try:
-            return await self._trust.enroll(request, context.peer())
-        except Refusal as refusal:
-            await self._refuse(context, refusal, "", "enroll", context.peer())
-            raise AssertionError("not reached: abort raises") from refusal
+        return await self._issue(request, context, "Enroll", lambda r: self._trust.enroll(r, context.peer()))
 
     async def renew(
         self, request: agent_pb2.RenewRequest | Unparseable, context: grpc.aio.ServicerContext
     ) -> agent_pb2.EnrollResponse:
+        return await self._issue(
+            request, context, "Renew", lambda r: self._trust.renew(r, context.auth_context())
+        )
+
+    async def _issue(
+        self,
+        request: _M | Unparseable,
+        context: grpc.aio.ServicerContext,
+        kind: str,
+        call: Callable[[_M], Awaitable[agent_pb2.EnrollResponse]],
+    ) -> agent_pb2.EnrollResponse:
+        """Enroll and Renew (``kind``): a certificate from the trust module, or the status refusing it."""
         if isinstance(request, Unparseable):
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"not a zonewatch.v1.RenewRequest: {request.error}"
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a zonewatch.v1.{kind}Request: {request.error}"
             )
             raise AssertionError("not reached: abort raises")
         try:
-            return await self._trust.renew(request, context.auth_context())
+            return await call(request)
         except Refusal as refusal:
-            await self._refuse(context, refusal, "", "renew", context.peer())
+            await self._refuse(context, refusal, "", kind.lower(), context.peer())
             raise AssertionError("not reached: abort raises") from refusal
 
     def handler(self) -> grpc.GenericRpcHandler:

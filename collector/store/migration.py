@@ -113,11 +113,19 @@ def evaluate(
                     " WHERE m.state = 'unknown' AND a.last_seen_ms > m.evaluated_ms"
                 )
             }
-            departments = {z.department for z in cat.dedicated() if z.department}
-            known = {a for (a,) in db.execute("SELECT DISTINCT agent FROM migration_states")}
-            for key, department in db.execute("SELECT id, department FROM agents"):
-                if full or (key not in known and department in departments):
-                    agents.add(key)
+            if full:
+                agents |= {a for (a,) in db.execute("SELECT id FROM agents")}
+            else:
+                # New hosts of a department that owns a dedicated network (not every host, every step).
+                departments = sorted({z.department for z in cat.dedicated() if z.department})
+                agents |= {
+                    a
+                    for (a,) in db.execute(
+                        f"SELECT id FROM agents WHERE department IN ({', '.join('?' * len(departments))})"
+                        " AND id NOT IN (SELECT agent FROM migration_states)",
+                        departments,
+                    )
+                }
             transitions = 0
             decided = sorted(agents)[:MAX_AGENTS_PER_STEP]
             for key in decided:
