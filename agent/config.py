@@ -9,6 +9,7 @@ collector address defaults to the one it enrolled with (``collector_default``).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -22,6 +23,33 @@ DEFAULT_STATE_DIR = Path("/var/lib/zonewatch-agent")
 DEFAULT_CONFIG = Path("/etc/zonewatch/agent.toml")
 LABELS = ("department", "county", "site", "role")
 ZONE_ACCOUNTING = ("auto", "nftables", "capture", "off")
+DEFAULT_ADMIN_PORTS = (
+    "ssh=22,telnet=23,rdp=3389,vnc=5900,vnc=5901,mysql=3306,postgresql=5432,mssql=1433,oracle=1521,"
+    "redis=6379,mongodb=27017"
+)
+_SERVICE_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,31}", re.IGNORECASE | re.ASCII)
+
+
+def parse_admin_ports(text: str) -> dict[int, str]:
+    """Text like "ssh=22,rdp=3389" as {22: "ssh", 3389: "rdp"}: a name may have several ports, a port
+    one name. Names are lower-cased (rules match them as the collector stores them)."""
+    ports: dict[int, str] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, port = (part.strip() for part in item.partition("="))
+        name = name.lower()
+        number = int(port) if port.isascii() and port.isdigit() else 0
+        if not sep or not _SERVICE_NAME.fullmatch(name) or not 0 < number < 65536:
+            raise ConfigError(
+                f"admin_ports: {item!r} is not NAME=PORT (NAME: letters, digits, _ . -; PORT: 1..65535),"
+                ' e.g. "ssh=22,rdp=3389"'
+            )
+        if ports.get(number, name) != name:
+            raise ConfigError(f"admin_ports: port {number} is named both {ports[number]} and {name}")
+        ports[number] = name
+    return ports
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,17 @@ class AgentConfig:
     # Report the host's addresses, routes (with policy rules), DNS resolvers and OS: the evidence of
     # whether it left its dedicated network. Needs the ip command (iproute2 >= 4.17).
     inventory: bool = True
+    # Summarize, per peer and window, the connection attempts that came in and went out and how
+    # they failed (the evidence of port scans and brute force), from the packet capture: turns the
+    # capture on even with flows off. Needs CAP_NET_RAW.
+    access: bool = True
+    # Admin services whose attempts are summarized apart, port -> name; in the file and flags
+    # "name=port,..." (a name may have several ports).
+    admin_ports: Mapping[int, str] = field(default_factory=lambda: parse_admin_ports(DEFAULT_ADMIN_PORTS))
+    # Report listening TCP and UDP sockets with their program: all at start, then opened and closed.
+    listeners: bool = True
+    # Seconds between two reads of the socket tables for listeners.
+    listener_interval_s: float = 10.0
     # Batches sent ahead of their acks on one stream.
     window: int = 32
     # A stream whose oldest unacked batch waits longer than this is torn down and retried.
@@ -81,6 +120,10 @@ _FILE_KEYS = {
     "flow_idle_timeout": (int, float),
     "flow_active_timeout": (int, float),
     "inventory": bool,
+    "access": bool,
+    "admin_ports": str,
+    "listeners": bool,
+    "listener_interval": (int, float),
     "insecure": bool,
 }
 
@@ -99,6 +142,8 @@ def load_config(
     if path is not None or DEFAULT_CONFIG.exists():
         values = _read_file(path or DEFAULT_CONFIG)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("admin_ports"), str):
+        values["admin_ports"] = parse_admin_ports(values["admin_ports"])
     config = AgentConfig()
     known = {f.name for f in fields(AgentConfig)}
     unknown = set(values) - known
@@ -113,6 +158,8 @@ def load_config(
         )
     if not config.interval_s > 0:
         raise ConfigError(f"interval must be > 0 seconds, got {config.interval_s}")
+    if not config.listener_interval_s > 0:
+        raise ConfigError(f"listener_interval must be > 0 seconds, got {config.listener_interval_s}")
     check_address(config.collector)
     return config
 
@@ -168,10 +215,15 @@ def _read_file(path: Path) -> dict[str, Any]:
             values["interfaces"] = tuple(value)
         elif key == "state_dir":
             values["state_dir"] = Path(value)
-        elif key in ("flow_idle_timeout", "flow_active_timeout"):
+        elif key in ("flow_idle_timeout", "flow_active_timeout", "listener_interval"):
             values[f"{key}_s"] = float(value)
         elif key == "spool_max_mb":
             values["spool_max_bytes"] = value * 1024 * 1024
+        elif key == "admin_ports":
+            try:
+                values[key] = parse_admin_ports(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
         elif key == "zone_accounting" and isinstance(value, bool):
             values[key] = "auto" if value else "off"
         else:

@@ -13,6 +13,8 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from agent.aggregate.access import AccessTable
+from agent.aggregate.flows import NS_PER_MS
 from agent.aggregate.flowwatch import FlowMonitor
 from agent.config import DEFAULT_COLLECTOR, AgentConfig
 from agent.credentials import Credentials
@@ -24,14 +26,17 @@ from agent.renewal import Renewal
 from agent.sensors.accounting import NftAccountant, ZoneDelta, ZoneTrafficSampler
 from agent.sensors.interfaces import InterfaceSample, InterfaceSampler
 from agent.sensors.inventory import InventorySensor
+from agent.sensors.listeners import ListenerSensor
 from agent.spool import Spool
 from agent.transport import Transport
 from agent.wire import (
+    access_fact,
     batch_request,
     flow_fact,
     health_fact,
     hello_request,
     inventory_fact,
+    listener_fact,
     zone_traffic_fact,
 )
 from agent.zonemap import ZoneMap
@@ -57,7 +62,9 @@ class Agent:
         accountant: NftAccountant | None = None,
         flow_monitor: Callable[..., FlowMonitor] = FlowMonitor,
         inventory: Callable[[], InventorySensor] = InventorySensor,
+        listeners: Callable[[], ListenerSensor] = ListenerSensor,
         clock_ms: Callable[[], int] = wall_ms,
+        monotonic: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
@@ -95,6 +102,14 @@ class Agent:
         self.sensors["inventory"] = (
             "starting" if config.inventory else "off: disabled in the agent's configuration"
         )
+        self.sensors["access"] = "starting" if config.access else "off: disabled in the agent's configuration"
+        self.listeners: ListenerSensor | None = None
+        self._listener_sensor = listeners
+        self._monotonic = monotonic
+        self._listeners_polled_at: float | None = None
+        self.sensors["listeners"] = (
+            "starting" if config.listeners else "off: disabled in the agent's configuration"
+        )
         self.transport = Transport(
             config.collector or DEFAULT_COLLECTOR,
             self.spool,
@@ -120,6 +135,13 @@ class Agent:
         """The policy this agent runs: kept by the transport, which compares it with every ack."""
         return self.transport.policy_version
 
+    @property
+    def needs_capture(self) -> bool:
+        """Whether the capture runs from the start: flows and access summaries come only from it (zone
+        accounting in "auto" starts it later, and only when nftables cannot count)."""
+        c = self.config
+        return c.flows or c.access or c.zone_accounting == "capture"
+
     def _hello(self) -> bytes:
         c = self.config
         request = hello_request(
@@ -139,7 +161,11 @@ class Agent:
             if self.config.flows:
                 extra += [flow_fact(flow, time_ms) for flow in closed]
                 self.sensors["flows"] = self.flows.status()
+            if self.config.access:
+                extra += [access_fact(r, time_ms) for r in self.flows.collect_access(time_ms * NS_PER_MS)]
+                self.sensors["access"] = self._access_status()
         extra += self._inventory_facts(time_ms)
+        extra += self._listener_facts(time_ms)
         extra.append(health_fact(self._health(), time_ms))
         return self.spool_batch(samples, extra, time_ms)
 
@@ -154,6 +180,35 @@ class Agent:
             return []
         self.sensors["inventory"] = self.inventory.status()
         return [inventory_fact(report, time_ms)] if report is not None else []
+
+    def _access_status(self) -> str:
+        assert self.flows is not None
+        status = self.flows.status()
+        stats = self.flows.access_stats()
+        if stats is not None and stats.untracked:
+            # Flood beyond the pending bound: those handshakes were counted half-open unseen.
+            status += f"; {stats.untracked} handshakes not tracked (pending table full), counted half-open"
+        return status
+
+    def _listener_facts(self, time_ms: int) -> list[Any]:
+        """Listening sockets at the first tick, then what opened and closed, every listener_interval_s."""
+        if self.listeners is None:
+            return []
+        now = self._monotonic()
+        due = self._listeners_polled_at is None or (
+            now - self._listeners_polled_at >= self.config.listener_interval_s
+        )
+        if not due:
+            return []
+        self._listeners_polled_at = now
+        try:
+            events = self.listeners.poll()
+        except SensorError as exc:
+            # Nothing is sent (a failed read would read as every listener closed); tried again when due.
+            self.sensors["listeners"] = f"off: {exc}"
+            return []
+        self.sensors["listeners"] = f"on: every {self.config.listener_interval_s:g} s"
+        return [listener_fact(event, time_ms) for event in events]
 
     def _zone_deltas(self) -> list[ZoneDelta]:
         if self._zone_sampler is None:
@@ -203,10 +258,12 @@ class Agent:
             "mTLS" if self.transport.secure else "insecure: plaintext, identity not verified",
             self.interval_s,
         )
-        if self.config.flows or self.config.zone_accounting == "capture":
+        if self.needs_capture:
             self.start_flows()
         if self.config.inventory:
             self.start_inventory()
+        if self.config.listeners:
+            self.start_listeners()
         tasks = [
             asyncio.create_task(self._sample_loop(stop), name="sample"),
             asyncio.create_task(self.transport.run(stop), name="transport"),
@@ -223,14 +280,18 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             if self.flows is not None:
-                # Flows still open are reported now, not lost: one last batch for the next run to send.
+                # Flows still open and the access window are reported now, not lost: one last batch
+                # for the next run to send.
                 remaining = self.flows.close()
-                if remaining:
-                    now = self._clock_ms()
+                now = self._clock_ms()
+                last = [flow_fact(f, now) for f in remaining]
+                if self.config.access:
+                    last += [access_fact(r, now) for r in self.flows.collect_access(now * NS_PER_MS)]
+                if last:
                     try:
-                        self.spool_batch([], [flow_fact(f, now) for f in remaining], now)
+                        self.spool_batch([], last, now)
                     except AgentError as exc:
-                        log.error("could not spool the last flows: %s", exc)
+                        log.error("could not spool the last flows and access summaries: %s", exc)
             await self.transport.close()
             self.spool.close()
             if self.inventory is not None:
@@ -309,18 +370,31 @@ class Agent:
         """Report the host's addresses, routes, resolvers and OS: in full at the next tick, then as diffs."""
         self.inventory = self._inventory_sensor()
 
+    def start_listeners(self) -> None:
+        """Report the listening sockets: all of them at the next tick, then what opens and closes."""
+        self.listeners = self._listener_sensor()
+
     def start_flows(self) -> None:
-        """Capture on the watched interfaces, for flows and (as a fallback) zone accounting."""
+        """Capture on the watched interfaces, for flows, access summaries and (as a fallback) zone
+        accounting."""
+        access = None
+        if self.config.access:
+            access = AccessTable(
+                self._zone_map, self.config.admin_ports, start_ns=self._clock_ms() * NS_PER_MS
+            )
         self.flows = self._flow_monitor(
             self._capture_interfaces(),
             self._zone_map,
             idle_timeout_s=self.config.flow_idle_timeout_s,
             active_timeout_s=self.config.flow_active_timeout_s,
+            access=access,
         )
         if self.config.flows:
             self.sensors["flows"] = self.flows.status()
             if not self.flows.engines:
                 log.warning("flows %s", self.sensors["flows"])
+        if self.config.access:
+            self.sensors["access"] = self._access_status()
 
     def _apply_zones(self, update: PolicyUpdate) -> None:
         self._zones_version = update.zones_version

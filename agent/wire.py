@@ -8,7 +8,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from agent.aggregate.flows import FlowRecord
+from agent.aggregate.access import INBOUND, AccessRecord
+from agent.aggregate.flows import TCP, UDP, FlowRecord, ProcessRef
 from agent.config import LABELS
 from agent.credentials import IssuedCertificate
 from agent.health import Health
@@ -16,6 +17,7 @@ from agent.policy import PolicyUpdate, zones_from_ranges
 from agent.sensors.accounting import ZoneDelta
 from agent.sensors.interfaces import InterfaceSample
 from agent.sensors.inventory import InventoryReport
+from agent.sensors.listeners import ListenerEvent
 from agent.spool import DropReport
 from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
@@ -106,11 +108,12 @@ def zone_traffic_fact(delta: ZoneDelta, time_ms: int, method: str = "nftables") 
     )
 
 
+def _process(p: ProcessRef | None) -> facts_pb2.ProcessRef | None:
+    return None if p is None else facts_pb2.ProcessRef(pid=p.pid, name=p.name, user=p.user, cmdline=p.cmdline)
+
+
 def flow_fact(flow: FlowRecord, time_ms: int) -> facts_pb2.Fact:
-    process = None
-    if flow.process is not None:
-        p = flow.process
-        process = facts_pb2.ProcessRef(pid=p.pid, name=p.name, user=p.user, cmdline=p.cmdline)
+    process = _process(flow.process)
     return facts_pb2.Fact(
         time_ms=time_ms,
         flow=facts_pb2.Flow(
@@ -130,6 +133,51 @@ def flow_fact(flow: FlowRecord, time_ms: int) -> facts_pb2.Fact:
             remote_zone=flow.remote_zone,
             initiated_locally=flow.initiated_locally,
             process=process,
+        ),
+    )
+
+
+def access_fact(record: AccessRecord, time_ms: int) -> facts_pb2.Fact:
+    return facts_pb2.Fact(
+        time_ms=time_ms,
+        access_summary=facts_pb2.AccessSummary(
+            peer_addr=record.peer_addr,
+            peer_zone=record.peer_zone,
+            local_zone=record.local_zone,
+            inbound=record.direction == INBOUND,
+            attempts=record.attempts,
+            distinct_ports=record.distinct_ports,
+            distinct_hosts=record.distinct_hosts,
+            half_open=record.half_open,
+            resets=record.resets,
+            icmp_unreachable=record.icmp_unreachable,
+            bytes_in=record.bytes_in,
+            bytes_out=record.bytes_out,
+            window_ms=record.window_ms,
+            ports=record.ports,
+            service=record.service,
+            service_port=record.service_port,
+        ),
+    )
+
+
+_LISTENER_CHANGES = {
+    "opened": facts_pb2.ListenerChange.OPENED,
+    "closed": facts_pb2.ListenerChange.CLOSED,
+    "present": facts_pb2.ListenerChange.PRESENT,
+}
+_IP_PROTOCOLS = {"tcp": TCP, "udp": UDP}
+
+
+def listener_fact(event: ListenerEvent, time_ms: int) -> facts_pb2.Fact:
+    return facts_pb2.Fact(
+        time_ms=time_ms,
+        listener_change=facts_pb2.ListenerChange(
+            change=_LISTENER_CHANGES[event.change],
+            ip_protocol=_IP_PROTOCOLS[event.protocol],
+            local_addr=event.local_addr,
+            local_port=event.local_port,
+            process=_process(event.process),
         ),
     )
 

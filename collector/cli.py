@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collector import __version__, cli_migration, cli_trust
-from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig
+from collector import __version__, cli_incidents, cli_migration, cli_rules, cli_trust
+from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig, default_rules_dir
 from collector.errors import CollectorError
 from collector.migration import MigrationPolicy
 from collector.policy import AgentPolicy
@@ -159,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often migration states are decided again (default 10)",
     )
     serve.add_argument(
+        "--rules",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the Sigma rules judged against every stored fact (default: the rules/ pack shipped with "
+        "zonewatch); reloaded on SIGHUP and when a file changes",
+    )
+    serve.add_argument(
+        "--no-rules", action="store_true", help="judge nothing: store facts only, raise no rule incidents"
+    )
+    serve.add_argument(
+        "--detection-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often silent agents are judged and the rules directory checked for changes (default 2)",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         help="no TLS: agents are not authenticated and name themselves (a lab only, never production)",
@@ -234,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_trust.add_agent_actions(agents, _db_arg)
     trust_handlers = cli_trust.add_parsers(sub, _db_arg, _format_arg, _duration)
     trust_handlers.update(cli_migration.add_parser(sub, _db_arg, _format_arg, _range_args))
+    trust_handlers.update(cli_incidents.add_parser(sub, _db_arg, _format_arg, _range_args))
+    trust_handlers.update(cli_rules.add_parser(sub, _db_arg, _format_arg))
 
     bw = sub.add_parser(
         "bandwidth",
@@ -416,8 +436,11 @@ def now_ms() -> int:
 def serve_config(args: argparse.Namespace) -> CollectorConfig:
     if not args.agent_rate > 0 or args.max_streams < 1 or not args.hello_timeout > 0:
         raise CollectorError("--agent-rate, --max-streams and --hello-timeout must be positive")
-    if not args.migration_interval > 0:
-        raise CollectorError("--migration-interval must be positive")
+    if not args.migration_interval > 0 or not args.detection_interval > 0:
+        raise CollectorError("--migration-interval and --detection-interval must be positive")
+    rules_dir = None if args.no_rules else (args.rules or default_rules_dir())
+    if rules_dir is not None and not rules_dir.is_dir():
+        raise CollectorError(f"--rules {rules_dir}: no such directory")
     if args.sample_interval < 1:
         raise CollectorError(f"--sample-interval must be at least 1 second, got {args.sample_interval}")
     for flag, value in (("--raw-hours", args.raw_hours), ("--minute-days", args.minute_days),
@@ -436,6 +459,8 @@ def serve_config(args: argparse.Namespace) -> CollectorConfig:
         hello_timeout_s=args.hello_timeout,
         migration=MigrationPolicy(quiet_ms=args.migration_quiet, stale_ms=args.migration_stale),
         migration_interval_s=args.migration_interval,
+        rules_dir=rules_dir,
+        detection_interval_s=args.detection_interval,
         zones_path=args.zones,
         policy=AgentPolicy(sample_interval_s=args.sample_interval, interfaces=tuple(args.interfaces)),
         retention=RetentionPolicy(

@@ -56,6 +56,11 @@ class CollectorConfig:
     # how often states are decided again (hosts with news or a deadline due).
     migration: MigrationPolicy = field(default_factory=MigrationPolicy)
     migration_interval_s: float = 10.0
+    # The Sigma rules judged against every stored fact (rules/README.md); None: no rules at all.
+    # Reloaded on SIGHUP and when a file in it changes.
+    rules_dir: Path | None = None
+    # How often agents' silence is judged and the rules directory looked at.
+    detection_interval_s: float = 2.0
 
     @property
     def pki_path(self) -> Path:
@@ -67,6 +72,11 @@ class CollectorConfig:
             return self.enroll_listen
         host, _, port = self.listen.rpartition(":")
         return f"{host}:{int(port) + 1 if port.isdigit() and int(port) else 0}"
+
+
+def default_rules_dir() -> Path:
+    """The default rule pack: rules/ beside the collector package (the repository, or the install)."""
+    return Path(__file__).resolve().parent.parent / "rules"
 
 
 def default_pki_dir(db_path: Path) -> Path:

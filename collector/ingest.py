@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
 from collector.migration import MigrationPolicy
-from collector.model import AgentHello, CatalogRow, HostLabels, Settled, ValidBatch
+from collector.model import AgentHello, CatalogRow, DetectionConfig, HostLabels, Settled, ValidBatch
 from collector.store.enrollment import CertificateStatus, Enrolled, Revocation, TokenRefused
 from collector.store.incidents import Raise
 from collector.store.migration import EvaluationReport
@@ -137,6 +137,20 @@ class Ingest:
 
     async def raise_incident(self, incident: Raise) -> None:
         await self._call(("incident", tuple(incident)))
+
+    async def configure_detection(self, config: DetectionConfig) -> tuple[int, list[str]]:
+        """Give the rule engine its rules directory and the catalog's judgments; (rules, errors)."""
+        count, errors = await self._call(("detection", config.encode()))
+        return int(count), list(errors)
+
+    async def reload_rules(self) -> tuple[int, list[str]]:
+        """Load the rules again; a broken file keeps its previous version. (rules in force, errors)."""
+        count, errors = await self._call(("reload_rules",))
+        return int(count), list(errors)
+
+    async def check_silence(self, now_ms: int) -> int:
+        """Judge which agents went silent (heartbeat events); the number of incidents raised or updated."""
+        return int(await self._call(("silence", now_ms)))
 
     async def revocations_since(self, after_id: int) -> list[Revocation]:
         return [Revocation(*r) for r in await self._call(("revocations", after_id))]

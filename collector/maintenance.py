@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from collector.errors import CollectorError
 from collector.ingest import Ingest
@@ -125,3 +127,58 @@ class MigrationSchedule(_Periodic):
             raise
         self.transitions += report.transitions
         return report.agents >= MAX_AGENTS_PER_STEP
+
+
+class DetectionSchedule(_Periodic):
+    """Every ``interval_s``: the silence check (agents that stopped reporting), and the rules
+    directory looked at, reloading the rules when a file was added, changed or removed. Reloads
+    keep the engine's windows; a file that no longer loads keeps its previous version active."""
+
+    name = "zonewatch-detection"
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        rules_dir: Path | None,
+        *,
+        interval_s: float,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        super().__init__(ingest, interval_s, clock)
+        self._rules_dir = rules_dir
+        self._fingerprint = rules_fingerprint(rules_dir)
+        self.reloads = 0
+        self.last_errors: list[str] = []
+
+    async def reload(self) -> tuple[int, list[str]]:
+        self._fingerprint = rules_fingerprint(self._rules_dir)
+        count, errors = await self._ingest.reload_rules()
+        self.reloads += 1
+        report_rule_errors(errors, self.last_errors)
+        self.last_errors = errors
+        log.info("rules reloaded: %d in force", count)
+        return count, errors
+
+    async def _step(self) -> bool:
+        if rules_fingerprint(self._rules_dir) != self._fingerprint:
+            await self.reload()
+        await self._ingest.check_silence(self._clock())
+        return False
+
+
+def rules_fingerprint(directory: Path | None) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and mtime of every rule file: a change to any of them means a reload."""
+    if directory is None:
+        return ()
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.endswith((".yml", ".yaml"))]
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
+    except OSError:
+        return ()
+
+
+def report_rule_errors(errors: Sequence[str], before: Sequence[str] = ()) -> None:
+    """Each broken rule file once per change, as a warning: the previous version stays in force."""
+    for error in errors:
+        if error not in before:
+            log.warning("rule not loaded (its previous version, if any, stays in force): %s", error)

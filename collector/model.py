@@ -121,6 +121,43 @@ class InventoryRow(NamedTuple):
     os_version: str
 
 
+class AccessRow(NamedTuple):
+    """What one remote peer did to this host (inbound) or this host to it (outbound) in one window,
+    for one administrative service port (service set) or all other ports (service "")."""
+
+    time_ms: int
+    inbound: bool
+    peer_addr: str  # normalized (ipaddress); "*" for the agent's overflow record
+    peer_zone: str
+    local_zone: str
+    attempts: int
+    distinct_ports: int
+    distinct_hosts: int
+    half_open: int
+    resets: int
+    icmp_unreachable: int
+    bytes_in: int
+    bytes_out: int
+    window_ms: int
+    ports: tuple[int, ...]
+    service: str
+    service_port: int
+
+
+class ListenerRow(NamedTuple):
+    """A listening socket that opened, closed, or was there when the agent started (present)."""
+
+    time_ms: int
+    change: str  # "opened", "closed", "present"
+    ip_protocol: int
+    local_addr: str
+    local_port: int
+    pid: int
+    process: str
+    user: str
+    cmdline: str
+
+
 @dataclass(frozen=True, slots=True)
 class ValidBatch:
     """A batch that passed validation, ready for the writer."""
@@ -146,6 +183,9 @@ class ValidBatch:
     # Inventory facts, in the batch's order: the writer applies them in that order. Also kept
     # verbatim in other_facts (so not counted again in fact_count): one row per fact, like every kind.
     inventory_rows: list[InventoryRow] = field(default_factory=list)
+    # Access summaries and listener changes, for the rule engine; also kept verbatim in other_facts.
+    access_rows: list[AccessRow] = field(default_factory=list)
+    listener_rows: list[ListenerRow] = field(default_factory=list)
 
     @property
     def sample_count(self) -> int:
@@ -168,3 +208,45 @@ class Settled(NamedTuple):
     duplicate: bool
     gap_from: int  # first missing seq before this batch, 0 when none
     gap_to: int
+
+
+@dataclass(frozen=True)
+class ZoneInfo:
+    kind: str
+    direction: str
+    admin: bool
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """What the server tells the detector: where the rules are, and the zone catalog's judgments."""
+
+    rules_dir: str
+    zones: dict[str, ZoneInfo] = field(default_factory=dict)
+    # role (or "*") -> zone names and kinds hosts of that role may reach; empty: everything but classified
+    access: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    default_interval_s: float = 10.0
+
+    def encode(self) -> tuple[Any, ...]:
+        zones = {name: (z.kind, z.direction, z.admin) for name, z in self.zones.items()}
+        return (self.rules_dir, zones, {k: tuple(v) for k, v in self.access.items()}, self.default_interval_s)
+
+    @classmethod
+    def decode(cls, data: Sequence[Any]) -> DetectionConfig:
+        rules_dir, zones, access, interval = data
+        return cls(
+            rules_dir,
+            {name: ZoneInfo(*z) for name, z in zones.items()},
+            {k: tuple(v) for k, v in access.items()},
+            interval,
+        )
+
+    def allows(self, role: str, zone: str) -> bool:
+        """The same judgment as ZoneCatalog.allows, from the catalog's summary."""
+        info = self.zones.get(zone)
+        if info is None:
+            return True
+        if info.kind == "classified":
+            return False
+        allowed = self.access.get(role, self.access.get("*"))
+        return allowed is None or zone in allowed or info.kind in allowed

@@ -8,6 +8,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
@@ -15,7 +16,13 @@ from collector import pki
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
 from collector.ingest import Ingest
-from collector.maintenance import MaintenanceSchedule, MigrationSchedule
+from collector.maintenance import (
+    DetectionSchedule,
+    MaintenanceSchedule,
+    MigrationSchedule,
+    report_rule_errors,
+)
+from collector.model import DetectionConfig, ZoneInfo
 from collector.policy import PolicySource
 from collector.servicer import AgentService
 from collector.trust import Trust
@@ -36,6 +43,8 @@ class Collector:
         trust: Trust,
         enroll_port: int = 0,
         migration: MigrationSchedule | None = None,
+        detection: DetectionSchedule | None = None,
+        rules_dir: Path | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -45,6 +54,8 @@ class Collector:
         self.maintenance = maintenance
         self.trust = trust
         self.migration = migration
+        self.detection = detection
+        self.rules_dir = rules_dir
         self._stop_watching = asyncio.Event()
         self._revocations = asyncio.create_task(trust.watch_revocations(self._stop_watching))
 
@@ -59,6 +70,23 @@ class Collector:
         ]
         await self.ingest.store_catalog(rows, catalog.version, time.time_ns() // 1_000_000)
 
+    async def configure_detection(self) -> None:
+        """Tell the rule engine its rules and the catalog's judgments (zone kinds, admin zones, access)."""
+        catalog = self.policy.catalog
+        zones = (
+            {} if catalog is None else {z.name: ZoneInfo(z.kind, z.direction, z.admin) for z in catalog.zones}
+        )
+        config = DetectionConfig(
+            str(self.rules_dir or ""),
+            zones,
+            {} if catalog is None else dict(catalog.access),
+            float(self.policy.policy.sample_interval_s),
+        )
+        count, errors = await self.ingest.configure_detection(config)
+        report_rule_errors(errors)
+        if self.rules_dir is not None:
+            log.info("%d rules in force from %s", count, self.rules_dir)
+
     async def reload_zones(self, *, only_if_changed: bool) -> None:
         changed = self.policy.reload_if_changed() if only_if_changed else self.policy.reload()
         if changed:
@@ -66,12 +94,22 @@ class Collector:
                 self.migration.catalog_changed()
             try:
                 await self.store_catalog()
+                await self.configure_detection()
             except CollectorError as exc:
                 log.error("zone catalog in force but not recorded in the database: %s", exc)
+
+    async def reload_rules(self) -> None:
+        if self.detection is not None:
+            try:
+                await self.detection.reload()
+            except CollectorError as exc:
+                log.error("rules not reloaded: %s", exc)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking new streams, let in-flight batches commit, close the database."""
         await self.maintenance.stop()
+        if self.detection is not None:
+            await self.detection.stop()
         if self.migration is not None:
             await self.migration.stop()
         self._stop_watching.set()
@@ -141,10 +179,15 @@ async def create_server(config: CollectorConfig) -> Collector:
         budget_rows=config.maintenance_budget_rows,
     )
     migration = MigrationSchedule(ingest, config.migration, interval_s=config.migration_interval_s)
-    collector = Collector(server, port, ingest, policy, maintenance, trust, enroll_port, migration)
+    detection = DetectionSchedule(ingest, config.rules_dir, interval_s=config.detection_interval_s)
+    collector = Collector(
+        server, port, ingest, policy, maintenance, trust, enroll_port, migration, detection, config.rules_dir
+    )
     await collector.store_catalog()
+    await collector.configure_detection()
     maintenance.start()
     migration.start()
+    detection.start()
     return collector
 
 
@@ -187,6 +230,8 @@ async def serve(config: CollectorConfig, on_ready: Callable[[Collector], None] |
             await asyncio.wait_for(_either(stop, hangup), config.zones_poll_s)
         if not stop.is_set():
             await collector.reload_zones(only_if_changed=not hangup.is_set())
+            if hangup.is_set():
+                await collector.reload_rules()
             hangup.clear()
     log.info("shutting down: finishing in-flight batches")
     await collector.stop(config.shutdown_grace_s)

@@ -21,11 +21,13 @@ from collector.errors import ValidationError
 from collector.model import (
     MAX_BATCH_SPAN_MS,
     SAMPLE_COLUMNS,
+    AccessRow,
     AgentHello,
     FlowRow,
     HealthRow,
     HostLabels,
     InventoryRow,
+    ListenerRow,
     ValidBatch,
     ZoneTrafficRow,
 )
@@ -135,6 +137,8 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     health_rows: list[HealthRow] = []
     flow_rows: list[FlowRow] = []
     inventory_rows: list[InventoryRow] = []
+    access_rows: list[AccessRow] = []
+    listener_rows: list[ListenerRow] = []
     # Every fact is an interface sample when every name is set: a fact of another
     # kind reads as an empty sample. So the common case needs no WhichOneof per fact.
     if min(map(len, names)) >= 1:
@@ -167,6 +171,16 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                 inventory_rows.append(_inventory(fact.inventory, times[index], prefix))
                 others.append((times[index], kind, fact.SerializeToString()))  # the record, verbatim
                 continue
+            if kind == "access_summary":
+                prefix = f"batch.facts[{index}].access_summary"
+                access_rows.append(_access(fact.access_summary, times[index], prefix))
+                others.append((times[index], kind, fact.SerializeToString()))
+                continue
+            if kind == "listener_change":
+                prefix = f"batch.facts[{index}].listener_change"
+                listener_rows.append(_listener(fact.listener_change, times[index], prefix))
+                others.append((times[index], kind, fact.SerializeToString()))
+                continue
             if kind is None and not len(UnknownFieldSet(fact)):
                 raise ValidationError(f"batch.facts[{index}]", "has no fact kind set")
             # Kinds without a table yet, and kinds newer than this collector
@@ -186,6 +200,8 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                 flow_rows,
                 health_rows,
                 inventory_rows,
+                access_rows,
+                listener_rows,
             )
     # One C-level pass per field; lists, not tuples: cheaper to build, and marshal takes both.
     columns: list[Any] = [names, *(list(map(getter, subs)) for getter in _FIELD_GETTERS)]
@@ -215,7 +231,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     columns.insert(0, sample_times)
     return ValidBatch(
         agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows, flow_rows,
-        health_rows, inventory_rows,
+        health_rows, inventory_rows, access_rows, listener_rows,
     )  # fmt: skip
 
 
@@ -317,6 +333,61 @@ def _flow(msg: facts_pb2.Flow, time_ms: int, prefix: str, latest: int) -> FlowRo
         time_ms, msg.ip_protocol, addresses[0], msg.local_port, addresses[1], msg.remote_port, interface,
         msg.bytes_out, msg.bytes_in, msg.packets_out, msg.packets_in, msg.start_ms, msg.end_ms,
         msg.tcp_flags, remote_zone, msg.initiated_locally, process.pid, name, user, cmdline,
+    )  # fmt: skip
+
+
+MAX_ACCESS_PORTS = 1024
+_ACCESS_COUNTS = ("attempts", "half_open", "resets", "icmp_unreachable", "bytes_in", "bytes_out", "window_ms")
+_LISTENER_CHANGES = {
+    facts_pb2.ListenerChange.OPENED: "opened",
+    facts_pb2.ListenerChange.CLOSED: "closed",
+    facts_pb2.ListenerChange.PRESENT: "present",
+}
+
+
+def _access(msg: facts_pb2.AccessSummary, time_ms: int, prefix: str) -> AccessRow:
+    """Slow path (a handful per window): every field checked, errors name it."""
+    peer = text(msg.peer_addr, f"{prefix}.peer_addr", MAX_LABEL_LEN, required=True)
+    if peer != "*":  # the agent's record for peers beyond its bound
+        peer = _address_text(peer, f"{prefix}.peer_addr")
+    for name in _ACCESS_COUNTS:
+        if getattr(msg, name) > INT64_MAX:
+            raise ValidationError(
+                f"{prefix}.{name}", f"{getattr(msg, name)} is out of range (at most {INT64_MAX})"
+            )
+    if len(msg.ports) > MAX_ACCESS_PORTS:
+        raise ValidationError(f"{prefix}.ports", f"has {len(msg.ports)} ports, at most {MAX_ACCESS_PORTS}")
+    for name, value in (("service_port", msg.service_port), *(("ports", p) for p in msg.ports)):
+        if value > 65535:
+            raise ValidationError(f"{prefix}.{name}", f"must be in [0, 65535], got {value}")
+    service = text(msg.service, f"{prefix}.service", MAX_LABEL_LEN)
+    if bool(service) != bool(msg.service_port):
+        raise ValidationError(f"{prefix}.service", "service and service_port must be set together")
+    return AccessRow(
+        time_ms, msg.inbound, peer, text(msg.peer_zone, f"{prefix}.peer_zone", MAX_LABEL_LEN),
+        text(msg.local_zone, f"{prefix}.local_zone", MAX_LABEL_LEN), msg.attempts, msg.distinct_ports,
+        msg.distinct_hosts, msg.half_open, msg.resets, msg.icmp_unreachable, msg.bytes_in, msg.bytes_out,
+        msg.window_ms, tuple(sorted(set(msg.ports))), service, msg.service_port,
+    )  # fmt: skip
+
+
+def _listener(msg: facts_pb2.ListenerChange, time_ms: int, prefix: str) -> ListenerRow:
+    change = _LISTENER_CHANGES.get(msg.change)
+    if change is None:
+        raise ValidationError(f"{prefix}.change", f"must be OPENED, CLOSED or PRESENT, got {msg.change}")
+    if msg.ip_protocol > 255:
+        raise ValidationError(f"{prefix}.ip_protocol", f"must be in [0, 255], got {msg.ip_protocol}")
+    if msg.local_port > 65535:
+        raise ValidationError(f"{prefix}.local_port", f"must be in [0, 65535], got {msg.local_port}")
+    local = _address_text(text(msg.local_addr, f"{prefix}.local_addr", MAX_LABEL_LEN), f"{prefix}.local_addr")
+    process = msg.process
+    if process.pid < 0:
+        raise ValidationError(f"{prefix}.process.pid", f"must be >= 0, got {process.pid}")
+    return ListenerRow(
+        time_ms, change, msg.ip_protocol, local, msg.local_port, process.pid,
+        text(process.name, f"{prefix}.process.name", MAX_LABEL_LEN),
+        text(process.user, f"{prefix}.process.user", MAX_LABEL_LEN),
+        text(process.cmdline, f"{prefix}.process.cmdline", MAX_CMDLINE_LEN),
     )  # fmt: skip
 
 

@@ -28,8 +28,10 @@ from collector.errors import CollectorError
 
 ZONE_KINDS = ("extranet", "dedicated", "internet", "classified", "local")
 DIRECTIONS = ("vertical", "horizontal")
-ZONE_KEYS = ("name", "kind", "direction", "department", "cidrs", "capacity")
-TOP_KEYS = ("zones",)
+ZONE_KEYS = ("name", "kind", "direction", "department", "cidrs", "capacity", "admin")
+TOP_KEYS = ("zones", "access")
+# In ``access:``, the entry for every role that has none of its own.
+ANY_ROLE = "*"
 MAX_NAME_CHARS = 64
 # Agents report peers outside every zone as "unknown"; a zone of that name would be indistinguishable.
 RESERVED_NAMES = ("unknown",)
@@ -57,6 +59,8 @@ class Zone:
     capacity_bps: int = 0
     # Where the zone is defined in its file (1-based); 0 when not from a file.
     line: int = 0
+    # Administrators work from here: admin services (SSH, RDP, databases) may be reached from it.
+    admin: bool = False
 
 
 class CatalogError(CollectorError):
@@ -70,10 +74,16 @@ class CatalogError(CollectorError):
 
 
 class ZoneCatalog:
-    """Zones with their longest-prefix index; immutable once built."""
+    """Zones with their longest-prefix index; immutable once built.
 
-    def __init__(self, zones: Iterable[Zone]) -> None:
+    ``access`` is the reachability policy: host role -> the zones (names or kinds) hosts of that role
+    may reach, with ``"*"`` for roles not listed. Without an entry for a role (and no ``"*"``) every
+    zone may be reached. Classified zones never may, whatever the policy says.
+    """
+
+    def __init__(self, zones: Iterable[Zone], access: dict[str, tuple[str, ...]] | None = None) -> None:
         self.zones: tuple[Zone, ...] = tuple(zones)
+        self.access: dict[str, tuple[str, ...]] = dict(access or {})
         self._by_name: dict[str, Zone] = {}
         # Per family: (prefix length, mask, {network as int: zone}), longest prefix first.
         self._index: dict[int, list[tuple[int, int, dict[int, Zone]]]] = {4: [], 6: []}
@@ -110,6 +120,16 @@ class ZoneCatalog:
 
     def by_name(self, name: str) -> Zone | None:
         return self._by_name.get(name)
+
+    def allows(self, role: str, zone_name: str) -> bool:
+        """May a host of this role reach this zone? Unknown peers are not judged (True)."""
+        zone = self._by_name.get(zone_name)
+        if zone is None:
+            return True
+        if zone.kind == "classified":
+            return False
+        allowed = self.access.get(role, self.access.get(ANY_ROLE))
+        return allowed is None or zone.name in allowed or zone.kind in allowed
 
     def zone_of(self, address: str | Address) -> Zone | None:
         """The zone of the longest prefix holding ``address``; None when no zone does.
@@ -197,6 +217,8 @@ def _content_hash(zones: Iterable[Zone]) -> str:
             "department": z.department,
             "networks": sorted(str(n) for n in z.networks),
             "capacity_bps": z.capacity_bps,
+            # Only when set: catalogs written before the flag existed keep their version.
+            **({"admin": True} if z.admin else {}),
         }
         for z in sorted(zones, key=lambda z: z.name)
     ]
@@ -310,7 +332,36 @@ class _Parser:
             for net in zone.networks:
                 seen[net] = (zone, seen[net][1])
             zones.append(zone)
-        return ZoneCatalog(zones)
+        access = self.access(top["access"][1], names) if "access" in top else {}
+        return ZoneCatalog(zones, access)
+
+    def access(self, node: Node, names: dict[str, Zone]) -> dict[str, tuple[str, ...]]:
+        """``access:`` maps a host role (or "*") to the zones, by name or kind, its hosts may reach."""
+        if not isinstance(node, MappingNode):
+            raise self.fail(
+                _line(node), "'access' must map a host role (or \"*\") to a list of zone names or kinds"
+            )
+        policy: dict[str, tuple[str, ...]] = {}
+        for key, value in node.value:
+            role = self.text(key, "a role in 'access'").strip()
+            if role in policy:
+                raise self.fail(_line(key), f"role {role!r} is given twice in 'access'")
+            if not isinstance(value, SequenceNode):
+                raise self.fail(
+                    _line(value), f"access for role {role!r} must be a list of zone names or kinds"
+                )
+            allowed = []
+            for item in value.value:
+                target = self.text(item, f"a zone in access for role {role!r}")
+                if target not in names and target not in ZONE_KINDS:
+                    raise self.fail(
+                        _line(item),
+                        f"{target!r} in access for role {role!r} is neither a zone of this catalog nor a "
+                        f"kind ({', '.join(ZONE_KINDS)})",
+                    )
+                allowed.append(target)
+            policy[role] = tuple(allowed)
+        return policy
 
     @staticmethod
     def is_null(node: Node) -> bool:
@@ -407,7 +458,14 @@ class _Parser:
                 capacity = parse_capacity(cap_text)
             except ValueError as exc:
                 raise self.fail(_line(cap_node), f"{where}: {exc}") from None
-        return Zone(name, kind, direction, department, networks, capacity, line)
+        admin = False
+        if "admin" in fields:
+            admin_node = fields["admin"][1]
+            flag = self.text(admin_node, "admin").lower()
+            if flag not in ("true", "false", "yes", "no"):
+                raise self.fail(_line(admin_node), f"'admin:' of {where} must be true or false, got {flag!r}")
+            admin = flag in ("true", "yes")
+        return Zone(name, kind, direction, department, networks, capacity, line, admin)
 
     def name(self, name: str, line: int) -> str:
         if not name.strip():

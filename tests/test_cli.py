@@ -151,7 +151,7 @@ def test_traffic_and_zones_commands(db: Path, tmp_path: Path) -> None:
         == []
     )
     sample = Path(__file__).resolve().parent.parent / "deploy" / "zones.sample.yaml"
-    assert "OK, 8 zones" in run_cli("zonewatch-collector", "zones", "validate", str(sample)).stdout
+    assert "OK, 9 zones" in run_cli("zonewatch-collector", "zones", "validate", str(sample)).stdout
     shown = json.loads(
         run_cli("zonewatch-collector", "zones", "show", str(sample), "--format", "json").stdout
     )

@@ -10,6 +10,10 @@ Interfaces come and go (a VPN tunnel, a VLAN added for the migration, a NIC that
 boot): ``watch`` takes the interfaces that should be captured now, opens engines on new
 ones, and closes the engines of interfaces that went away, keeping their flow tables (and
 zone tallies) so nothing counted is lost and a returning interface carries on where it was.
+
+With an AccessTable (access summaries on), the same thread feeds it every packet of every
+interface too, under the same lock: one table for the host, since a scan that comes in on
+two interfaces is still one peer at one host.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from agent.aggregate.access import AccessRecord, AccessStats, AccessTable
 from agent.aggregate.flows import FlowRecord, FlowTable, SocketOwners
 from agent.errors import SensorError
 from agent.sensors import capture
@@ -40,8 +45,10 @@ class FlowMonitor:
         owners: SocketOwners | None = None,
         idle_timeout_s: float = 30.0,
         active_timeout_s: float = 120.0,
+        access: AccessTable | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        self.access = access
         self._stop = threading.Event()
         self._owners = owners or SocketOwners()
         self._open_engine, self._check = open_engine, check
@@ -120,12 +127,16 @@ class FlowMonitor:
                     continue
                 with self._lock:
                     self.tables[name].add(packets)
+                    if self.access is not None:
+                        self.access.add(packets)
 
     def set_zones(self, zones: ZoneMap) -> None:
         with self._lock:
             self._zones = zones
             for table in self.tables.values():
                 table.set_zones(zones)
+            if self.access is not None:
+                self.access.set_zones(zones)
 
     def zone_counters(self) -> dict[str, ZoneCounters]:
         """Bytes and packets seen per remote zone on every captured interface, cumulative."""
@@ -163,6 +174,20 @@ class FlowMonitor:
             self._owners.refresh()  # the socket table is read here, outside the lock, once per tick at most
             closed = [r._replace(process=self._owners.owner(r)) for r in closed]
         return closed
+
+    def collect_access(self, now_ns: int | None = None) -> list[AccessRecord]:
+        """Close the access window at ``now_ns``: one record per direction, peer and admin service."""
+        if self.access is None:
+            return []
+        now = time.time_ns() if now_ns is None else now_ns
+        with self._lock:
+            return self.access.collect(now)
+
+    def access_stats(self) -> AccessStats | None:
+        if self.access is None:
+            return None
+        with self._lock:
+            return self.access.stats()
 
     def status(self) -> str:
         """One line for the health fact: what is captured, what it cost, what is off and why."""

@@ -13,23 +13,31 @@ Calls are synchronous request/response; ingest.py makes them from one thread.
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import marshal
 import multiprocessing
 import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import astuple, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from collector.detection import Detector
 from collector.errors import CollectorError, StoreError
 from collector.migration import MigrationPolicy
 from collector.model import (
+    AccessRow,
     AgentHello,
     CatalogRow,
+    DetectionConfig,
     FlowRow,
     HealthRow,
     HostLabels,
     InventoryRow,
+    ListenerRow,
     Settled,
     ValidBatch,
     ZoneTrafficRow,
@@ -41,6 +49,8 @@ from collector.store.migration import evaluate as evaluate_migration
 from collector.store.retention import Maintenance, MaintenanceReport, RetentionPolicy
 from collector.store.writer import Rejected, Writer
 
+log = logging.getLogger(__name__)
+
 _BATCH_FIELDS = tuple(f.name for f in fields(ValidBatch))
 # ValidBatch fields holding NamedTuple rows, which marshal cannot carry: sent as plain tuples.
 _ROW_TYPES = {
@@ -48,6 +58,8 @@ _ROW_TYPES = {
     _BATCH_FIELDS.index("flow_rows"): FlowRow,
     _BATCH_FIELDS.index("health_rows"): HealthRow,
     _BATCH_FIELDS.index("inventory_rows"): InventoryRow,
+    _BATCH_FIELDS.index("access_rows"): AccessRow,
+    _BATCH_FIELDS.index("listener_rows"): ListenerRow,
 }
 
 
@@ -84,9 +96,13 @@ def _serve(conn: Connection, db_path: str) -> None:
     def reply(status: str, value: Any) -> None:
         conn.send_bytes(marshal.dumps((status, value)))
 
+    # The rule engine holds up to ~100k window groups: with the default thresholds the cyclic collector
+    # would spend more time scanning them than the rules take. Nothing here builds reference cycles.
+    gc.set_threshold(100_000, 50, 1_000)
     try:
         db = open_database(db_path)
         writer = Writer(db)
+        detector = Detector(db)
     except CollectorError as exc:
         reply("err", str(exc))
         return
@@ -99,14 +115,22 @@ def _serve(conn: Connection, db_path: str) -> None:
                 return  # the collector is gone; everything acknowledged is committed
             try:
                 if op == "commit":
-                    outcomes = writer.commit([_decode_item(i) for i in args[0]])
+                    items = [_decode_item(i) for i in args[0]]
+                    try:
+                        outcomes = writer.commit(items)
+                    except CollectorError:
+                        detector.excuse(_wall_ms())  # agents are reporting; we cannot store it
+                        raise
                     reply("ok", [_encode_outcome(o) for o in outcomes])
+                    # After the reply: acks never wait for the rules, which judge what was stored.
+                    _detect(detector.observe, items, outcomes, writer.agent_key)
                 elif op == "register":
                     fields, now_ms, enrolled = args
                     hello = AgentHello(
                         fields[0], fields[1], fields[2], HostLabels(*fields[3]), fields[4], fields[5]
                     )
                     reply("ok", writer.register(hello, now_ms, enrolled=enrolled))
+                    detector.forget_hosts()
                 elif op == "enroll":
                     token_hash, fields = args
                     try:
@@ -115,6 +139,7 @@ def _serve(conn: Connection, db_path: str) -> None:
                         reply("ok", ("refused", str(exc)))
                     else:
                         writer.reload_agent(fields["agent_id"], forget=done.replaced_agent_id)
+                        detector.forget_hosts()
                         reply("ok", ("enrolled", done.key, tuple(done.labels), done.replaced_agent_id))
                 elif op == "renew":
                     try:
@@ -130,6 +155,14 @@ def _serve(conn: Connection, db_path: str) -> None:
                     now_ms, policy, full = args
                     evaluated = evaluate_migration(db, now_ms, MigrationPolicy(*policy), full=full)
                     reply("ok", tuple(evaluated))
+                    _detect(detector.migration_events)
+                elif op == "detection":
+                    reply("ok", detector.configure(DetectionConfig.decode(args[0])))
+                elif op == "reload_rules":
+                    detector.forget_hosts()
+                    reply("ok", detector.reload())
+                elif op == "silence":
+                    reply("ok", _detect(detector.silence, args[0]))
                 elif op == "incident":
                     try:
                         with writer.transaction():
@@ -160,6 +193,21 @@ def _serve(conn: Connection, db_path: str) -> None:
                 reply("err", f"internal error in the database writer: {exc!r}")
     finally:
         db.close()
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _detect(step: Callable[..., int], *args: Any) -> int:
+    """Run one detection step; a failure is reported and never stops the writer (facts come first)."""
+    try:
+        return step(*args)
+    except CollectorError as exc:
+        log.warning("detection: %s", exc)
+    except Exception:  # a bug in a rule or the engine: say so, keep storing
+        log.exception("detection failed")
+    return 0
 
 
 class WriterProcess:

@@ -481,6 +481,63 @@ CREATE INDEX migration_exemptions_by_pair ON migration_exemptions (agent, networ
 ALTER TABLE enrollment_tokens ADD COLUMN replaces INTEGER;
 """
 
+DETECTION = """
+-- Detection (store/incidents.py, store/exceptions.py). What the rule engine knows of an incident
+-- beside the collector's own: the Sigma rule's id and title, the values of its dedup-by fields (JSON
+-- object) and when the incident last changed (a match or an operator's action).
+ALTER TABLE incidents ADD COLUMN rule_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE incidents ADD COLUMN rule_title TEXT NOT NULL DEFAULT '';
+ALTER TABLE incidents ADD COLUMN dedup_fields TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE incidents ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0;
+UPDATE incidents SET updated_ms = last_seen_ms;
+-- `incidents list`: by status (active first of all), by host, newest first.
+CREATE INDEX incidents_by_status ON incidents (status, last_seen_ms);
+CREATE INDEX incidents_by_agent ON incidents (agent, last_seen_ms);
+-- Every operator action on an incident, in order, chained: hash = sha256(prev_hash + the canonical
+-- JSON of the row's other fields), the first prev_hash 64 zeros. Rows are never changed or deleted
+-- (the triggers below refuse it); a row rewritten behind the triggers' back breaks the chain, which
+-- `incidents verify` recomputes.
+CREATE TABLE incident_actions (
+    id INTEGER PRIMARY KEY,
+    incident INTEGER NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('acknowledge', 'resolve', 'false_positive', 'reopen', 'comment')),
+    actor TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    from_status TEXT NOT NULL,
+    to_status TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX incident_actions_by_incident ON incident_actions (incident, id);
+CREATE TRIGGER incident_actions_no_update BEFORE UPDATE ON incident_actions
+BEGIN
+    SELECT RAISE(ABORT, 'incident_actions is append-only: an audit row cannot be changed');
+END;
+CREATE TRIGGER incident_actions_no_delete BEFORE DELETE ON incident_actions
+BEGIN
+    SELECT RAISE(ABORT, 'incident_actions is append-only: an audit row cannot be deleted');
+END;
+-- Approved exceptions to rules, scoped by rule (name or id, '*' for every rule), host (agent_id or
+-- hostname), peer (a network) and port; '' and 0 mean any. Every one expires: an exception nobody
+-- renews stops hiding matches. Removal is recorded, never deleted.
+CREATE TABLE rule_exceptions (
+    id INTEGER PRIMARY KEY,
+    rule TEXT NOT NULL,
+    host TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT '',
+    port INTEGER NOT NULL DEFAULT 0 CHECK (port BETWEEN 0 AND 65535),
+    reason TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    removed_ms INTEGER,
+    removed_by TEXT NOT NULL DEFAULT ''
+);
+-- The exceptions in force (what the engine loads and `exceptions list` shows): not removed, by expiry.
+CREATE INDEX rule_exceptions_in_force ON rule_exceptions (expires_ms) WHERE removed_ms IS NULL;
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
@@ -492,6 +549,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("trust: enrollment tokens, certificates, revocations, incidents", TRUST),
     ("host inventory: addresses, routes, resolvers, OS, and their history", INVENTORY),
     ("dedicated-network migration: states, transitions, exemptions", MIGRATION),
+    ("detection: incident lifecycle, audit chain, rule exceptions", DETECTION),
 ]
 
 

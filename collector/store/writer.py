@@ -77,6 +77,11 @@ class Writer:
         (self._next_series,) = db.execute("SELECT coalesce(max(id), 0) + 1 FROM series").fetchone()
         (self._next_sample,) = db.execute("SELECT coalesce(max(id), 0) + 1 FROM interface_samples").fetchone()
 
+    def agent_key(self, agent_id: str) -> int | None:
+        """agents.id of an agent this writer knows."""
+        state = self._agents.get(agent_id)
+        return None if state is None else state.key
+
     def last_seq(self, agent_id: str) -> int:
         state = self._agents.get(agent_id)
         return state.last_seq if state else 0

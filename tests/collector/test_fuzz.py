@@ -238,6 +238,40 @@ def agent_health(draw: st.DrawFn, wild: bool) -> facts_pb2.AgentHealth:
     )
 
 
+@st.composite
+def access_summaries(draw: st.DrawFn, wild: bool) -> facts_pb2.AccessSummary:
+    v = _Fields(draw, wild, facts_pb2.AccessSummary)
+    # An admin service is named together with its port, or neither is set.
+    service, port = draw(st.just(("", 0)) | st.tuples(labels(1, 20), st.integers(1, 65_535)))
+    return facts_pb2.AccessSummary(
+        peer_addr=v("peer_addr", VALID_ADDR | st.just("*"), WILD_ADDR),
+        peer_zone=v("peer_zone", labels(), WILD_TEXT),
+        local_zone=v("local_zone", labels(), WILD_TEXT),
+        inbound=draw(st.booleans()),
+        **{name: v(name, COUNTS, UINT64) for name in ("attempts", "half_open", "resets", "icmp_unreachable",
+                                                       "bytes_in", "bytes_out", "window_ms")},
+        distinct_ports=draw(UINT32),
+        distinct_hosts=draw(UINT32),
+        ports=v("ports", st.lists(st.integers(0, 65_535), max_size=64),
+                st.lists(UINT32, min_size=1, max_size=8)
+                | st.lists(st.just(1), min_size=1025, max_size=1030)),
+        service=v("service", st.just(service), WILD_TEXT),
+        service_port=v("service_port", st.just(port), UINT32),
+    )  # fmt: skip
+
+
+@st.composite
+def listener_changes(draw: st.DrawFn, wild: bool) -> facts_pb2.ListenerChange:
+    v = _Fields(draw, wild, facts_pb2.ListenerChange)
+    return facts_pb2.ListenerChange(
+        change=v("change", st.integers(1, 3), INT32),
+        ip_protocol=v("ip_protocol", st.sampled_from([6, 17]), UINT32),
+        local_addr=v("local_addr", VALID_ADDR, WILD_ADDR),
+        local_port=v("local_port", st.integers(0, 65_535), UINT32),
+        process=v("process", processes(False), processes(True)),
+    )
+
+
 CIDRS = st.ip_addresses().flatmap(lambda a: st.integers(0, a.max_prefixlen).map(lambda n: f"{a}/{n}"))
 _ADDRESSES = st.builds(facts_pb2.Address, interface=IFNAMES, cidr=CIDRS)
 _WILD_ADDRESSES = st.builds(facts_pb2.Address, interface=WILD_TEXT, cidr=WILD_ADDR)
@@ -278,16 +312,6 @@ def inventories(draw: st.DrawFn, wild: bool) -> facts_pb2.Inventory:
 
 # Kinds the collector keeps verbatim: nothing in them is checked, so anything goes.
 _VERBATIM: dict[str, st.SearchStrategy[Any]] = {
-    "listener_change": st.builds(
-        facts_pb2.ListenerChange, change=INT32, ip_protocol=UINT32, local_addr=WILD_ADDR, local_port=UINT32,
-        process=processes(True),
-    ),
-    "access_summary": st.builds(
-        facts_pb2.AccessSummary, peer_addr=WILD_ADDR, peer_zone=WILD_TEXT, local_zone=WILD_TEXT,
-        inbound=st.booleans(), attempts=UINT64, distinct_ports=UINT32, distinct_hosts=UINT32,
-        half_open=UINT64, resets=UINT64, icmp_unreachable=UINT64, bytes_in=UINT64, bytes_out=UINT64,
-        window_ms=UINT64, ports=st.lists(UINT32, max_size=8),
-    ),
     "data_loss": st.builds(
         facts_pb2.DataLoss, reason=WILD_TEXT, facts=UINT64, first_seq=UINT64, last_seq=UINT64,
         from_ms=INT64, to_ms=INT64,
@@ -299,13 +323,15 @@ FACT_KINDS = [
     "flow",
     "agent_health",
     "inventory",
+    "access_summary",
+    "listener_change",
     *_VERBATIM,
     "unknown",
     "none",
 ]
 
 
-VALIDATED_KINDS = FACT_KINDS[:5]
+VALIDATED_KINDS = FACT_KINDS[:7]
 
 
 @st.composite
@@ -325,6 +351,10 @@ def facts(draw: st.DrawFn, now: int, wild: bool, kinds: Sequence[str] = ()) -> f
         fact.agent_health.CopyFrom(draw(agent_health(content)))
     elif kind == "inventory":
         fact.inventory.CopyFrom(draw(inventories(content)))
+    elif kind == "access_summary":
+        fact.access_summary.CopyFrom(draw(access_summaries(content)))
+    elif kind == "listener_change":
+        fact.listener_change.CopyFrom(draw(listener_changes(content)))
     elif kind in _VERBATIM:
         getattr(fact, kind).CopyFrom(draw(_VERBATIM[kind]))
     elif kind == "unknown":  # a newer agent's kind: a field number this collector does not know
@@ -375,6 +405,8 @@ def one_bad_fact(draw: st.DrawFn, now: int, kind: str) -> agent_pb2.Batch:
         "flow": flows(now, True),
         "agent_health": agent_health(True),
         "inventory": inventories(True),
+        "access_summary": access_summaries(True),
+        "listener_change": listener_changes(True),
     }[kind]
     getattr(bad, kind).CopyFrom(draw(strategy))
     listed.insert(draw(st.integers(0, len(listed))), bad)

@@ -56,7 +56,7 @@ def test_catalog_is_served_reloaded_and_a_broken_one_is_refused(tmp_path: Path) 
     try:
         first = get_policy(collector.target)
         policy = first.policy
-        assert policy.zones_version and len(policy.zones) == 8
+        assert policy.zones_version and len(policy.zones) == 9
         kinds = {z.kind for z in policy.zones}
         assert kinds == {"extranet", "dedicated", "internet", "classified", "local"}
         # Ranges are disjoint, sorted and cover both address families completely.
@@ -70,15 +70,18 @@ def test_catalog_is_served_reloaded_and_a_broken_one_is_refused(tmp_path: Path) 
 
         # A change of the file reaches the collector without restart.
         text = zones.read_text(encoding="utf-8")
+        zone_list, access = text.split("\naccess:")  # new zones go at the end of the zones: list
         zones.write_text(
-            text + "\n  - name: 测试区\n    kind: local\n    cidrs: [192.0.2.0/24]\n", encoding="utf-8"
+            zone_list + "\n  - name: 测试区\n    kind: local\n    cidrs: [192.0.2.0/24]\naccess:" + access,
+            encoding="utf-8",
         )
         second = wait_for_version(collector.target, first.version)
         assert owner_of(second.policy, "192.0.2.7") == "测试区"
 
         # A broken file is refused with file:line; the catalog in force stays.
         zones.write_text(
-            text + "\n  - name: 坏区\n    kind: nonsense\n    cidrs: [192.0.2.0/24]\n", encoding="utf-8"
+            zone_list + "\n  - name: 坏区\n    kind: nonsense\n    cidrs: [192.0.2.0/24]\naccess:" + access,
+            encoding="utf-8",
         )
         collector.proc.send_signal(signal.SIGHUP)
         collector.wait_for_line(re.compile(r"zone catalog not reloaded.*zones\.yaml:\d+:"))

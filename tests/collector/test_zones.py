@@ -576,3 +576,61 @@ def test_parse_capacity(value: int | str, bps: int) -> None:
 def test_parse_capacity_refuses(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_capacity(value)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- admin zones and the access policy
+
+ACCESS = """\
+zones:
+  - {name: 运维区, kind: extranet, direction: horizontal, admin: true, cidrs: [10.9.0.0/16]}
+  - {name: 横向, kind: extranet, direction: horizontal, cidrs: [10.0.0.0/8]}
+  - {name: 公安专网, kind: dedicated, department: 市公安局, cidrs: [172.20.0.0/16]}
+  - {name: 互联网, kind: internet, cidrs: [0.0.0.0/0]}
+  - {name: 涉密网, kind: classified, cidrs: [192.168.200.0/24]}
+access:
+  office: [extranet, 公安专网]
+  "*": [extranet, internet, classified]
+"""
+
+
+def test_admin_zones_and_the_access_policy_are_read() -> None:
+    cat = parse_catalog(ACCESS)
+    assert [z.name for z in cat.zones if z.admin] == ["运维区"]
+    assert cat.allows("office", "横向") and cat.allows("office", "公安专网")
+    assert not cat.allows("office", "互联网")
+    assert cat.allows("server", "互联网")  # "*" answers for roles not listed
+    assert not cat.allows("server", "公安专网")
+    assert not cat.allows("server", "涉密网")  # classified never, whatever the policy says
+    assert cat.allows("office", "unknown")  # peers in no zone are not judged
+
+
+def test_without_an_access_policy_everything_but_classified_may_be_reached() -> None:
+    cat = parse_catalog(ACCESS.split("access:")[0])
+    assert cat.allows("office", "互联网") and not cat.allows("office", "涉密网")
+
+
+def test_the_admin_flag_changes_the_version_only_when_set() -> None:
+    plain = ACCESS.split("access:")[0].replace(", admin: true", "")
+    flagged = ACCESS.split("access:")[0]
+    off = plain.replace("horizontal, cidrs: [10.9", "horizontal, admin: false, cidrs: [10.9")
+    assert parse_catalog(plain).version == parse_catalog(off).version != parse_catalog(flagged).version
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (ACCESS.replace("admin: true", "admin: maybe"), 2, "must be true or false"),
+        (ACCESS.replace("office: [extranet, 公安专网]", "office: [extranet, 无此区]"), 8, "neither a zone"),
+        (ACCESS.replace("office: [extranet, 公安专网]", "office: extranet"), 8, "must be a list"),
+        (ACCESS.replace('  "*": [extranet, internet, classified]', "  office: [local]"), 9, "given twice"),
+        (
+            ACCESS.replace("access:\n", "access: everything\n").split("\n  office")[0],
+            7,
+            "must map a host role",
+        ),
+    ],
+)
+def test_access_policy_errors_name_the_line(text: str, line: int, message: str) -> None:
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(text, "zones.yaml")
+    assert caught.value.line == line and message in caught.value.message, caught.value

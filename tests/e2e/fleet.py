@@ -285,7 +285,7 @@ class Stored(NamedTuple):
     fact_rows: Counter[int]  # fact rows per seq, over every fact table
     rejected: list[int]  # seqs the collector rejected
     gaps: list[tuple[int, int]]  # sequence_gaps rows (from_seq, to_seq)
-    incidents: list[tuple[str, str]]  # (rule, title) of fleet incidents about this agent
+    incidents: list[tuple[str, str]]  # (rule, title) of the collector's integrity incidents (gap, clone)
 
     @property
     def seqs(self) -> list[int]:
@@ -316,10 +316,10 @@ def stored(db: Path, hostname: str) -> Stored:
         query = "SELECT seq FROM batches WHERE agent = ? AND status = 'rejected'"
         rejected = [s for (s,) in con.execute(query, (key,))]
         gaps = con.execute("SELECT from_seq, to_seq FROM sequence_gaps WHERE agent = ?", (key,)).fetchall()
-        # Fleet incidents about this agent, and any gap or clone at all (a test runs one agent).
+        # The collector's own integrity incidents (a gap, a clone) at all: a test runs one agent. Rule
+        # incidents are judgments of what the agent saw (or that it went silent during a fault), not losses.
         incidents = con.execute(
-            "SELECT rule, title FROM incidents WHERE agent = ? OR rule IN (?, ?)",
-            (key, SEQUENCE_GAP, AGENT_CLONE),
+            "SELECT rule, title FROM incidents WHERE rule IN (?, ?)", (SEQUENCE_GAP, AGENT_CLONE)
         ).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):  # the collector is still creating its schema

@@ -182,7 +182,7 @@ class ListenerChange(_message.Message):
     def __init__(self, change: _Optional[_Union[ListenerChange.Change, str]] = ..., ip_protocol: _Optional[int] = ..., local_addr: _Optional[str] = ..., local_port: _Optional[int] = ..., process: _Optional[_Union[ProcessRef, _Mapping]] = ...) -> None: ...
 
 class AccessSummary(_message.Message):
-    __slots__ = ("peer_addr", "peer_zone", "local_zone", "inbound", "attempts", "distinct_ports", "distinct_hosts", "half_open", "resets", "icmp_unreachable", "bytes_in", "bytes_out", "window_ms", "ports")
+    __slots__ = ("peer_addr", "peer_zone", "local_zone", "inbound", "attempts", "distinct_ports", "distinct_hosts", "half_open", "resets", "icmp_unreachable", "bytes_in", "bytes_out", "window_ms", "ports", "service", "service_port")
     PEER_ADDR_FIELD_NUMBER: _ClassVar[int]
     PEER_ZONE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ZONE_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,8 @@ class AccessSummary(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_PORT_FIELD_NUMBER: _ClassVar[int]
     peer_addr: str
     peer_zone: str
     local_zone: str
@@ -211,7 +213,9 @@ class AccessSummary(_message.Message):
     bytes_out: int
     window_ms: int
     ports: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, peer_addr: _Optional[str] = ..., peer_zone: _Optional[str] = ..., local_zone: _Optional[str] = ..., inbound: _Optional[bool] = ..., attempts: _Optional[int] = ..., distinct_ports: _Optional[int] = ..., distinct_hosts: _Optional[int] = ..., half_open: _Optional[int] = ..., resets: _Optional[int] = ..., icmp_unreachable: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., window_ms: _Optional[int] = ..., ports: _Optional[_Iterable[int]] = ...) -> None: ...
+    service: str
+    service_port: int
+    def __init__(self, peer_addr: _Optional[str] = ..., peer_zone: _Optional[str] = ..., local_zone: _Optional[str] = ..., inbound: _Optional[bool] = ..., attempts: _Optional[int] = ..., distinct_ports: _Optional[int] = ..., distinct_hosts: _Optional[int] = ..., half_open: _Optional[int] = ..., resets: _Optional[int] = ..., icmp_unreachable: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., window_ms: _Optional[int] = ..., ports: _Optional[_Iterable[int]] = ..., service: _Optional[str] = ..., service_port: _Optional[int] = ...) -> None: ...
 
 class AgentHealth(_message.Message):
     __slots__ = ("cpu_percent", "rss_bytes", "spool_bytes", "spool_batches", "capture_packets", "capture_drops", "policy_version", "sensor_status")
