@@ -10,13 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from agent import __version__
+from agent import __version__, clidoc
 from agent.config import DEFAULT_CONFIG, AgentConfig, load_config
 from agent.credentials import Credentials, is_enrolled, load_credentials, read_enrollment
 from agent.errors import AgentError, CredentialsError, NotEnrolledError
 from agent.sensors.interfaces import InterfaceSampler
 from agent.wire import batch_request, hello_request, to_json
 
+PROG = "zonewatch-agent"
 EXAMPLES = """\
 examples:
   zonewatch-agent enroll --collector 10.0.0.5:7390 --token zwt_… --ca-fingerprint SHA256:9f86…
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check the collector's CA against --ca-fingerprint, make this host's key, and "
         "trade the token for a client certificate. Stores tls/agent.key (0600), tls/agent.crt, "
         "tls/ca.crt and enrollment.json in the state directory.",
+        epilog=clidoc.examples(
+            PROG,
+            "enroll --collector 10.0.0.5:7390 --token zwt_… --ca-fingerprint SHA256:9f86…",
+            "enroll --collector 10.0.0.5:7390 --token zwt_… --ca-fingerprint SHA256:9f86… --force",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _enroll_arguments(enroll)
     run = sub.add_parser(
@@ -131,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample and report to the collector until stopped (SIGTERM/Ctrl-C)",
         description="Sample every interval, keep reports in the durable spool, deliver them "
         "to the collector and delete them once acknowledged.",
+        epilog=clidoc.examples(
+            PROG,
+            "run",
+            "run --config /etc/zonewatch/agent.toml -v",
+            "run --insecure --collector 127.0.0.1:7390 --department 市公安局   # a lab: no TLS",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _common(run)
     once = sub.add_parser(
@@ -138,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="take one sample and print the report that would be sent",
         description="Sample the interfaces twice, --interval apart (default 1 s), and print "
         "the report. Contacts no collector and writes nothing.",
+        epilog=clidoc.examples(PROG, "once", "once --json --interface eth0 --interval 5"),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _common(once)
     once.add_argument(
@@ -148,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="show enrollment, agent id, certificate expiry and spool backlog",
         description="Read the state directory: enrolled or not, agent id, collector, labels, "
         "certificate expiry, spooled batches, dropped facts. Contacts nothing.",
+        epilog=clidoc.examples(PROG, "status", "status --state-dir /var/lib/zonewatch-agent"),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _common(status)
+    clidoc.add_parser(sub, PROG).set_defaults(verbose=False)  # main reads args.verbose
     return parser
 
 
@@ -338,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    handlers = {"enroll": cmd_enroll, "once": cmd_once, "run": cmd_run, "status": cmd_status}
+    handlers = {
+        "enroll": cmd_enroll,
+        "once": cmd_once,
+        "run": cmd_run,
+        "status": cmd_status,
+        "completion": lambda args: clidoc.print_script(build_parser(), args.shell),
+    }
     try:
         return handlers[args.command](args)
     except AgentError as exc:

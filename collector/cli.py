@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collector import __version__, cli_incidents, cli_migration, cli_rules, cli_trust
+from agent import clidoc
+from collector import __version__, cli_explore, cli_incidents, cli_migration, cli_report, cli_rules, cli_trust
 from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig, default_rules_dir
 from collector.errors import CollectorError
 from collector.migration import MigrationPolicy
@@ -22,6 +23,7 @@ from collector.policy import AgentPolicy
 from collector.store.retention import RetentionPolicy
 
 FORMATS = ("table", "json", "csv")
+PROG = "zonewatch-collector"
 
 EXAMPLES = """\
 examples:
@@ -38,6 +40,9 @@ examples:
   zonewatch-collector serve --raw-hours 72 --minute-days 90 --hour-days 730
   zonewatch-collector zones validate /etc/zonewatch/zones.yaml
   zonewatch-collector zones show /etc/zonewatch/zones.yaml --address 10.10.3.4
+  zonewatch-collector incidents list --follow
+  zonewatch-collector explore --port 0
+  zonewatch-collector completion bash > ~/.local/share/bash-completion/completions/zonewatch-collector
 """
 
 
@@ -95,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the collector (gRPC server + embedded SQLite) until SIGTERM/Ctrl-C",
         description="Listen for agents, validate and durably store their reports, serve them their policy. "
         "SIGTERM or Ctrl-C stops it gracefully: in-flight batches are committed and acknowledged first.",
+        epilog=clidoc.examples(
+            PROG,
+            "serve --db /var/lib/zonewatch/collector.db --listen 0.0.0.0:7390",
+            "serve --zones /etc/zonewatch/zones.yaml --rules /etc/zonewatch/rules",
+            "serve --raw-hours 72 --minute-days 90 --hour-days 730",
+            "serve --insecure --listen 127.0.0.1:7390 --db lab.db   # a lab: no TLS",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(serve)
     serve.add_argument(
@@ -231,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         "agents",
         help="list agents with online/stale/offline status",
         description="Every agent that has reported, with its labels, last contact and status.",
+        epilog=clidoc.examples(
+            PROG,
+            "agents",
+            "agents --status offline --format json",
+            "agents --stale-after 2m --offline-after 30m",
+            'agents revoke web-01 --reason "host decommissioned"',
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(agents)
     _format_arg(agents)
@@ -254,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     trust_handlers.update(cli_migration.add_parser(sub, _db_arg, _format_arg, _range_args))
     trust_handlers.update(cli_incidents.add_parser(sub, _db_arg, _format_arg, _range_args))
     trust_handlers.update(cli_rules.add_parser(sub, _db_arg, _format_arg))
+    trust_handlers.update(cli_report.add_parser(sub, _db_arg, _format_arg, _range_args))
+    trust_handlers.update(cli_explore.add_parser(sub, _db_arg, _format_arg, _range_args))
+    clidoc.add_parser(sub, PROG)
 
     bw = sub.add_parser(
         "bandwidth",
@@ -263,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         "samples kept (serve --raw-hours), their per-minute or per-hour sums answer: totals and averages "
         "stay exact, peaks are per sample, and p95, current rates and utilization become averages over "
         "such buckets (a note on stderr says so).",
+        epilog=clidoc.examples(
+            PROG,
+            "bandwidth --since 1h --top 10",
+            "bandwidth --agent web-01 --iface eth0 --since 2026-11-27 --until 2026-11-28 --format csv",
+            "bandwidth --since 24h --wide",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(bw)
     _format_arg(bw)
@@ -286,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Where the range is older than the raw traffic kept (serve --raw-hours), its per-minute or "
         "per-hour sums answer: bytes stay exact, and the bucket grows to a multiple of theirs (a note "
         "on stderr says so).",
+        epilog=clidoc.examples(
+            PROG,
+            "traffic --by zone --since 24h",
+            "traffic --zone 省电子政务外网（纵向） --since 7d --bucket 1h",
+            "traffic --by department --since 2026-11-01 --until 2026-12-01 --format csv",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(tr)
     _format_arg(tr)
@@ -313,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol and remote zone: how many flows, bytes each way, packets, first and last seen, and the "
         "pid and command line of the most recent flow; most bytes first. The list a migration acts on: "
         "which program still talks to a dedicated network.",
+        epilog=clidoc.examples(
+            PROG,
+            "flows --zone 公安专网 --since 24h --top 20",
+            "flows --zone 公安专网 --user app --process java --wide",
+            "flows --agent web-01 --since 2026-11-28 --format csv",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(fl)
     _format_arg(fl)
@@ -337,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
         "how many rows, the oldest and newest time, up to when the rollups are complete (buckets "
         "ending at or before it), and how many raw rows are not rolled up yet. The collector rolls up "
         "and prunes as it runs (serve --raw-hours, --minute-days, --hour-days).",
+        epilog=clidoc.examples(
+            PROG, "retention", "retention --db /var/lib/zonewatch/collector.db --format json"
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(ret)
     _format_arg(ret)
@@ -351,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
         "free disk space (a warning below 10 % or 1 GiB); agents online, stale and offline, and each "
         "agent's CPU, memory, spool backlog, capture drops, policy version and sensors that are off, "
         "worst first (offline, then the biggest backlog), as of its latest health report.",
+        epilog=clidoc.examples(
+            PROG, "health", "health --since 1h --format json", "health --offline-after 30m --format csv"
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(health)
     health.add_argument(
@@ -386,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="The zone catalog names the networks agents' traffic is accounted to: "
         "extranet (vertical/horizontal), dedicated networks, the internet, classified and local "
         "zones. See deploy/zones.sample.yaml.",
+        epilog=clidoc.examples(
+            PROG,
+            "zones validate /etc/zonewatch/zones.yaml",
+            "zones show /etc/zonewatch/zones.yaml --address 10.10.3.4",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     zones_sub = zones.add_subparsers(
         dest="zones_command", required=True, metavar="ACTION", help="validate or show"
@@ -395,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a catalog; errors name file:line",
         description="Load the catalog as the collector would; print a summary or the first "
         "error as FILE:LINE: message and exit 2.",
+        epilog=clidoc.examples(
+            PROG, "zones validate /etc/zonewatch/zones.yaml", "zones validate deploy/zones.sample.yaml"
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     zv.add_argument("file", type=Path, help="the catalog file")
     zs = zones_sub.add_parser(
@@ -402,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the zones of a catalog, or which zone addresses fall in",
         description="List every zone with its kind, networks and capacity; with --address, "
         "the zone each address belongs to (longest prefix wins).",
+        epilog=clidoc.examples(
+            PROG,
+            "zones show /etc/zonewatch/zones.yaml",
+            "zones show /etc/zonewatch/zones.yaml --address 10.10.3.4 --address 172.20.1.9",
+            "zones show deploy/zones.sample.yaml --format json",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     zs.add_argument("file", type=Path, help="the catalog file")
     zs.add_argument(
@@ -417,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
         "watch",
         help="live fleet view (agents and bandwidth), refreshed until Ctrl-C",
         description="Redraw the agents and bandwidth tables every few seconds.",
+        epilog=clidoc.examples(PROG, "watch", "watch --every 5 --since 5m --wide"),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _db_arg(watch)
     watch.add_argument(
@@ -430,6 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def now_ms() -> int:
+    """The time every command takes as "now": $ZONEWATCH_NOW_MS when set (ms since the epoch), for
+    tests and reports reproduced as of a given moment; else the clock."""
+    fixed = os.environ.get("ZONEWATCH_NOW_MS", "").strip()
+    if fixed:
+        try:
+            return int(fixed)
+        except ValueError:
+            raise CollectorError(f"ZONEWATCH_NOW_MS must be ms since the epoch, got {fixed!r}") from None
     return time.time_ns() // 1_000_000
 
 
@@ -717,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         "flows": cmd_flows,
         "retention": cmd_retention,
         "health": cmd_health,
+        "completion": lambda args: clidoc.print_script(build_parser(), args.shell),
         **args.trust_handlers,
     }
     try:

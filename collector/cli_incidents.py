@@ -1,9 +1,10 @@
 """`zonewatch-collector incidents` and `exceptions`: review what the rules raised, and what they may not.
 
-Operators list and read incidents, acknowledge, resolve, mark false positives and reopen them (each
-action signed with --by and kept in the audit chain, which `incidents verify` checks), and record
-the exceptions, always expiring, that keep accepted matches from raising. This module only wires:
-store/incidents.py and store/exceptions.py decide. An error is one line on stderr and exit 1.
+Operators list and read incidents (or write one as an HTML report, collector/report), acknowledge,
+resolve, mark false positives and reopen them (each action signed with --by and kept in the audit
+chain, which `incidents verify` checks), and record the exceptions, always expiring, that keep
+accepted matches from raising. This module only wires: store/incidents.py and store/exceptions.py
+decide. An error is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TextIO
 
+from collector import cli_report
 from collector.errors import CollectorError
 from collector.output import Column, local_time, parse_time, render
 from collector.store import exceptions, incidents
@@ -59,6 +61,7 @@ examples:
   zonewatch-collector incidents resolve 42 --by 张三 --comment "已封禁该地址"
   zonewatch-collector incidents reopen 42 --by 李四 --comment "又出现了"
   zonewatch-collector incidents verify
+  zonewatch-collector incidents report 42 --out incident-42.html
 """
 LIST_EXAMPLES = """\
 examples:
@@ -66,11 +69,18 @@ examples:
   zonewatch-collector incidents list --severity high --since 24h
   zonewatch-collector incidents list --status all --department 市公安局 --format csv
   zonewatch-collector incidents list --rule admin_port_scan --agent web-01 --format json
+  zonewatch-collector incidents list --follow --severity high
+  zonewatch-collector incidents list --follow --format json --max-seconds 3600 >> incidents.jsonl
 """
 SHOW_EXAMPLES = """\
 examples:
   zonewatch-collector incidents show 42
   zonewatch-collector incidents show 42 --format json
+"""
+REPORT_EXAMPLES = """\
+examples:
+  zonewatch-collector incidents report 42 --out incident-42.html
+  zonewatch-collector incidents report 42 --lang en --out /srv/share/incident-42-en.html
 """
 VERIFY_EXAMPLES = """\
 examples:
@@ -174,7 +184,7 @@ def add_parser(
         dest="incidents_command",
         required=True,
         metavar="ACTION",
-        help="list, show, ack, resolve, false-positive, reopen, comment or verify",
+        help="list, show, report, ack, resolve, false-positive, reopen, comment or verify",
     )
     listing = actions.add_parser(
         "list",
@@ -209,6 +219,7 @@ def add_parser(
     listing.add_argument(
         "--limit", type=int, default=200, metavar="N", help="at most N incidents (default 200)"
     )
+    _follow_args(listing)
 
     show = actions.add_parser(
         "show",
@@ -224,6 +235,22 @@ def add_parser(
     db_arg(show)
     show.add_argument("id", type=int, help="the incident's id (incidents list)")
     show.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+
+    report = actions.add_parser(
+        "report",
+        help="one incident as a self-contained HTML file (to mail, archive or print)",
+        description=_wrap(
+            "Write what `incidents show` prints as one HTML file: inline CSS, nothing fetched, "
+            "prints to A4, in Chinese or English; the incident is also embedded as JSON, as "
+            "`incidents show --format json` prints it."
+        ),
+        epilog=REPORT_EXAMPLES,
+        formatter_class=raw,
+    )
+    db_arg(report)
+    report.add_argument("id", type=int, help="the incident's id (incidents list)")
+    cli_report.add_lang_arg(report)
+    cli_report.add_out_arg(report)
 
     for name, (_, helptext, description, comment_required) in _ACTIONS.items():
         parser = actions.add_parser(
@@ -330,6 +357,8 @@ def cmd_incidents(args: argparse.Namespace) -> int:
         return _guarded(_list, args, write=False)
     if command == "show":
         return _guarded(_show, args, write=False)
+    if command == "report":
+        return _guarded(_report, args, write=False)
     if command == "verify":
         return _guarded(_verify, args, write=False)
     return _guarded(_act, args, write=True)
@@ -371,6 +400,8 @@ def _guarded(
 def _list(args: argparse.Namespace, db: sqlite3.Connection, now: int) -> int:
     from collector.store.queries import resolve_agent
 
+    if args.follow:
+        return _follow(args, db, now)
     rows = incidents.list_incidents(
         db,
         status=args.status,
@@ -435,6 +466,222 @@ def print_incident_table(rows: Sequence[incidents.IncidentRow], stream: TextIO) 
     console.print(table)
 
 
+# --- incidents list --follow -------------------------------------------------------------------
+
+# json and csv lines of --follow: what happened, the state before an update, then the incident.
+FOLLOW_FIELDS = ("change", "previous_status", "previous_matches", *incidents.IncidentRow._fields)
+CHANGE_STYLE = {"current": "dim", "new": "bold", "updated": "cyan"}
+# The --follow table's columns: (header, width in terminal cells, alignment); the title is last, unpadded.
+FOLLOW_COLUMNS = (
+    ("time", 19, "<"), ("change", 7, "<"), ("id", 5, ">"), ("severity", 13, "<"), ("status", 14, "<"),
+    ("rule", 24, "<"), ("host", 16, "<"), ("department", 22, "<"), ("count", 6, ">"), ("title", 0, "<"),
+)  # fmt: skip
+
+
+def _follow_args(listing: argparse.ArgumentParser) -> None:
+    listing.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep watching: after the incidents as they are now, print each new incident and each whose "
+        "count or status changes, one line each, until Ctrl-C (json: one object per line)",
+    )
+    listing.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --follow: how often to read the database (default 2)",
+    )
+    listing.add_argument(
+        "--max-seconds",
+        type=float,
+        metavar="N",
+        help="with --follow: stop after N seconds, exit 0 (default: until Ctrl-C)",
+    )
+
+
+class Change(NamedTuple):
+    """One line of --follow: an incident as it is now, and what it was before an update."""
+
+    change: str  # "current" (there when following began), "new" or "updated"
+    row: incidents.IncidentRow
+    previous: tuple[str, int] | None  # (status, matches) before an update
+
+
+class _Watch:
+    """What --follow has seen: each incident's (status, matches), and which matched the filters."""
+
+    def __init__(self, db: sqlite3.Connection, query: Callable[[], list[incidents.IncidentRow]]) -> None:
+        self.db, self.query = db, query
+        self.known: dict[int, tuple[str, int]] = {}
+        self.matching: set[int] = set()
+
+    def poll(self) -> list[Change]:
+        """The changes since the last poll, in the order they happened (when each incident changed)."""
+        rows = self.query()
+        # One that no longer matches (resolved while listing the active ones): read it to say so.
+        gone = [self._read(i) for i in sorted(self.matching - {r.id for r in rows})]
+        changes = []
+        for row in [*rows, *(r for r in gone if r is not None)]:
+            before = self.known.get(row.id)
+            if before != (row.status, row.matches):
+                changes.append(Change("new" if before is None else "updated", row, before))
+            self.known[row.id] = (row.status, row.matches)
+        self.matching = {r.id for r in rows}
+        return sorted(changes, key=lambda c: (c.row.updated_ms or c.row.last_seen_ms, c.row.id))
+
+    def _read(self, incident_id: int) -> incidents.IncidentRow | None:
+        try:
+            detail = incidents.incident_detail(self.db, incident_id)
+        except incidents.IncidentError:  # gone from the database: nothing to say
+            return None
+        return incidents.IncidentRow._make(getattr(detail, f) for f in incidents.IncidentRow._fields)
+
+
+def _follow(
+    args: argparse.Namespace,
+    db: sqlite3.Connection,
+    now: int,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """`incidents list --follow`: the matching incidents as they are now (the --limit most recently
+    changed, oldest first), then every --interval seconds each new or changed one; exit 0 on Ctrl-C or
+    after --max-seconds. The database is only read."""
+    from collector.store.queries import resolve_agent
+
+    if not args.interval > 0:
+        raise CollectorError(f"--interval must be a positive number of seconds, got {args.interval:g}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise CollectorError(f"--max-seconds must be positive, got {args.max_seconds:g}")
+    if args.limit < 1:
+        raise CollectorError(f"--limit must be at least 1, got {args.limit}")
+    agent = resolve_agent(db, args.agent) if args.agent else None
+    since_ms = parse_time(args.since, now) if args.since else None
+
+    def query() -> list[incidents.IncidentRow]:
+        return incidents.list_incidents(
+            db, status=args.status, severity=args.severity, rule=args.rule, agent=agent,
+            department=args.department, since_ms=since_ms,
+        )  # fmt: skip
+
+    deadline = None if args.max_seconds is None else clock() + args.max_seconds
+    write = _follow_writer(args.format, sys.stdout)
+    watch = _Watch(db, query)
+    try:
+        first = watch.poll()
+        for change in first[-args.limit :]:
+            write(change._replace(change="current"))
+        if len(first) > args.limit:
+            print(f"{PROG}: note: the {args.limit} most recently changed shown first", file=sys.stderr)
+        while deadline is None or clock() < deadline:
+            sleep(args.interval if deadline is None else max(0.0, min(args.interval, deadline - clock())))
+            for change in watch.poll():
+                write(change)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # the reader left (| head): stop quietly, as tail -f does
+        _silence_stdout()
+    return 0
+
+
+def _follow_writer(fmt: str, stream: TextIO) -> Callable[[Change], None]:
+    """One line per change, flushed at once: a table line (severity and status coloured on a terminal,
+    Chinese text padded by its display width), a JSON object or a CSV row after a header."""
+    import csv
+
+    from rich.console import Console
+
+    def fields(c: Change) -> dict[str, Any]:
+        previous = c.previous or (None, None)
+        return {"change": c.change, "previous_status": previous[0], "previous_matches": previous[1],
+                **c.row._asdict()}  # fmt: skip
+
+    if fmt == "json":
+
+        def write(c: Change) -> None:
+            stream.write(json.dumps(fields(c), ensure_ascii=False) + "\n")
+            stream.flush()
+
+        return write
+    if fmt == "csv":
+        rows = csv.DictWriter(stream, FOLLOW_FIELDS, lineterminator="\n")
+        rows.writeheader()
+        stream.flush()
+
+        def write_row(c: Change) -> None:
+            rows.writerow(fields(c))
+            stream.flush()
+
+        return write_row
+    console = Console(file=stream, highlight=False, soft_wrap=True)
+    console.print(_follow_line([(name, "bold") for name, _, _ in FOLLOW_COLUMNS]))
+    stream.flush()
+
+    def write_line(c: Change) -> None:
+        r = c.row
+        line = _follow_line(
+            [
+                (local_time(r.updated_ms or r.last_seen_ms), ""),
+                (c.change, CHANGE_STYLE.get(c.change, "")),
+                (str(r.id), ""),
+                (r.severity, SEVERITY_STYLE.get(r.severity, "")),
+                (r.status.replace("_", " "), STATUS_STYLE.get(r.status, "")),
+                (r.rule, ""),
+                (r.hostname or r.agent_id[:12] or "-", ""),
+                (r.department or "-", ""),
+                (f"{r.matches:,}", ""),
+                (r.title, ""),
+            ]
+        )
+        if c.previous is not None:
+            line.append(f"  ({_what_changed(c.previous, r)})", "cyan")
+        console.print(line)
+        stream.flush()
+
+    return write_line
+
+
+def _follow_line(cells: Sequence[tuple[str, str]]) -> Any:
+    """One --follow table line: each (text, style) padded to its column's width in terminal cells (a
+    Chinese character takes two), so lines align as long as no value is wider than its column."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    line = Text()
+    for (_, width, align), (text, style) in zip(FOLLOW_COLUMNS, cells, strict=True):
+        pad = " " * max(0, width - cell_len(text))
+        if line:
+            line.append("  ")
+        if align == ">":
+            line.append(pad)
+        line.append(text, style)
+        if align == "<":
+            line.append(pad)
+    line.rstrip()
+    return line
+
+
+def _what_changed(previous: tuple[str, int], row: incidents.IncidentRow) -> str:
+    status, matches = previous
+    said = []
+    if status != row.status:
+        said.append(f"{status} -> {row.status}".replace("_", " "))
+    if matches != row.matches:
+        more = row.matches - matches
+        said.append(f"{more:+,} match{'' if abs(more) == 1 else 'es'}")
+    return ", ".join(said)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null: Python's flush at exit would fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def _show(args: argparse.Namespace, db: sqlite3.Connection, now: int) -> int:
     detail = incidents.incident_detail(db, args.id)
     if args.format == "json":
@@ -444,6 +691,20 @@ def _show(args: argparse.Namespace, db: sqlite3.Connection, now: int) -> int:
         sys.stdout.write("\n")
     else:
         print_incident(detail, sys.stdout)
+    return 0
+
+
+def _report(args: argparse.Namespace, db: sqlite3.Connection, now: int) -> int:
+    from collector.report import render_incident_html
+
+    detail = incidents.incident_detail(db, args.id)
+    lang = args.lang or cli_report.default_lang()
+    cli_report.write_html(args.out, render_incident_html(detail, lang, generated_ms=now))
+    print(args.out)
+    print(
+        f"incident {detail.id} ({lang}): {detail.severity}, {detail.status.replace('_', ' ')}, "
+        f"{len(detail.evidence.get('events') or [])} evidence events, {len(detail.actions)} actions"
+    )
     return 0
 
 

@@ -8,32 +8,13 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from agent import clidoc
 from collector.migration import DAY_MS, STATES
+from collector.store.migration import GroupProgress, Pair
 
 Handler = Callable[[argparse.Namespace], int]
+PROG = "zonewatch-collector"
 EXPIRING_MS = 14 * DAY_MS
-
-
-class SummaryRow(NamedTuple):
-    group: str
-    pairs: int
-    not_started: int
-    dual_homed: int
-    migrated: int
-    regressed: int
-    exempt: int
-    unknown: int
-    percent_migrated: float
-
-
-class PairRow(NamedTuple):
-    hostname: str
-    agent_id: str
-    department: str
-    county: str
-    network: str
-    state: str
-    since_ms: int
 
 
 class TrendRow(NamedTuple):
@@ -60,6 +41,14 @@ def add_parser(
         "traffic after migrated), exempt (approved exception) or unknown (no recent data). Without an "
         "action: counts and percentage per state for each group, the regressed hosts and the exemptions "
         "expiring within 14 days.",
+        epilog=clidoc.examples(
+            PROG,
+            "migration --by county",
+            "migration --state regressed --format csv",
+            "migration --history --since 90d",
+            "migration host ga-ws-01",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(mig)
     format_arg(mig)
@@ -84,6 +73,8 @@ def add_parser(
         description="The evidence behind each state: dedicated and extranet addresses, "
         "routes and traffic, and the blockers: processes, users, peers and ports still "
         "exchanging traffic with the dedicated network.",
+        epilog=clidoc.examples(PROG, "migration host ga-ws-01", "migration host 3f9a2c1e --format json"),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(host)
     format_arg(host)
@@ -93,6 +84,14 @@ def add_parser(
         help="approve an exception for a host and network",
         description="Record an approved exception: the pair is exempt until the "
         "expiry, then judged again. Reason, approver and expiry are required.",
+        epilog=clidoc.examples(
+            PROG,
+            'migration exempt ga-db-02 --network 公安专网 --reason "旧计费系统" --approved-by 张三 '
+            "--reference OA-2026-118 --until 2027-03-31",
+            'migration exempt ga-ws-07 --network 公安专网 --reason "vendor support" --approved-by alice '
+            "--until 90d",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(exempt)
     exempt.add_argument("host", help="agent id (or its first characters) or hostname")
@@ -105,6 +104,8 @@ def add_parser(
         "unexempt",
         help="end an exception before its expiry",
         description="End the exception in force for a host and network.",
+        epilog=clidoc.examples(PROG, "migration unexempt ga-db-02 --network 公安专网 --by 张三"),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(unexempt)
     unexempt.add_argument("host", help="agent id (or its first characters) or hostname")
@@ -151,13 +152,13 @@ def _fleet(args: argparse.Namespace, db: Any, now: int) -> int:
         render(
             pairs,
             args.format,
-            _columns(PairRow, time_field="since_ms"),
+            _columns(Pair, time_field="since_ms"),
             sys.stdout,
             empty_message=f"no host is {args.state}",
         )
         return 0
     groups = [
-        SummaryRow._make((s.group, s.hosts, *(s.counts[state] for state in STATES), s.percent_migrated))
+        GroupProgress._make((s.group, s.hosts, *(s.counts[state] for state in STATES), s.percent_migrated))
         for s in migration.summarize(rows, args.by)
     ]
     regressed = [_pair(r) for r in rows if r.state == "regressed"]
@@ -179,14 +180,14 @@ def _fleet(args: argparse.Namespace, db: Any, now: int) -> int:
     render(
         groups,
         args.format,
-        _columns(SummaryRow, first_header=args.by),
+        _columns(GroupProgress, first_header=args.by),
         sys.stdout,
         empty_message="no migration states yet (a zone catalog with dedicated networks, and agents)",
     )
     if args.format == "table":
         if regressed:
             print("\nregressed: dedicated-network traffic after migrating")
-            render(regressed, "table", _columns(PairRow, time_field="since_ms"), sys.stdout)
+            render(regressed, "table", _columns(Pair, time_field="since_ms"), sys.stdout)
         if expiring:
             print("\nexemptions expiring within 14 days")
             render(expiring, "table", None, sys.stdout)
@@ -268,8 +269,8 @@ def _unexempt(args: argparse.Namespace, db: Any, now: int) -> int:
     return 0
 
 
-def _pair(r: Any) -> PairRow:
-    return PairRow(r.hostname, r.agent_id, r.department, r.county, r.network, r.state, r.since_ms)
+def _pair(r: Any) -> Pair:
+    return Pair(r.hostname, r.agent_id, r.department, r.county, r.network, r.state, r.since_ms)
 
 
 def _columns(record: type, *, time_field: str = "", first_header: str = "") -> list[Any]:

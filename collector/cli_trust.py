@@ -12,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent import clidoc
 from collector.config import DEFAULT_LISTEN, default_pki_dir
 from collector.errors import CollectorError
 from collector.model import HostLabels
 
 Handler = Callable[[argparse.Namespace], int]
+PROG = "zonewatch-collector"
 
 
 def add_parsers(
@@ -33,6 +35,12 @@ def add_parsers(
         "fingerprint) and the collector will present. Keys are EC P-256, mode 0600, in a 0700 directory "
         "(default: 'pki' beside the database). Refuses to replace an existing PKI unless --force: every "
         "agent would have to enroll again.",
+        epilog=clidoc.examples(
+            PROG,
+            "init --db /var/lib/zonewatch/collector.db",
+            "init --pki /etc/zonewatch/pki --san collector.example.gov.cn --san 10.10.0.5",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(init)
     pki_arg(init)
@@ -51,11 +59,29 @@ def add_parsers(
         help="enrollment tokens: create, list, revoke",
         description="An enrollment token lets one host (or --uses hosts) enroll its agent, with the labels "
         "the token carries. Only a hash is stored: the token is printed once, with the command to run.",
+        epilog=clidoc.examples(
+            PROG,
+            "tokens create --department 市公安局 --county 高新区 --expires 24h --collector 10.10.0.5:7390",
+            "tokens list --all",
+            "tokens revoke 7",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     tsub = tokens.add_subparsers(
         dest="tokens_command", required=True, metavar="ACTION", help="create, list or revoke"
     )
-    create = tsub.add_parser("create", help="issue a token bound to labels", description="Issue a token.")
+    create = tsub.add_parser(
+        "create",
+        help="issue a token bound to labels",
+        description="Issue a token.",
+        epilog=clidoc.examples(
+            PROG,
+            "tokens create --department 市公安局 --county 高新区 --site 主机房 --role server",
+            "tokens create --department 市教育局 --uses 50 --expires 7d --note 学校机房批量部署",
+            "tokens create --replace web-01 --department 市公安局   # a reinstalled host",
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
+    )
     db_arg(create)
     pki_arg(create)
     for label in ("department", "county", "site", "role"):
@@ -78,12 +104,22 @@ def add_parsers(
         help="the address agents reach the collector at, for the printed enroll command",
     )
     listing = tsub.add_parser(
-        "list", help="tokens still usable (--all: every one)", description="List tokens."
+        "list",
+        help="tokens still usable (--all: every one)",
+        description="List tokens.",
+        epilog=clidoc.examples(PROG, "tokens list", "tokens list --all --format csv"),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(listing)
     format_arg(listing)
     listing.add_argument("--all", action="store_true", help="also expired, used and revoked tokens")
-    revoke = tsub.add_parser("revoke", help="make a token unusable", description="Revoke a token by its id.")
+    revoke = tsub.add_parser(
+        "revoke",
+        help="make a token unusable",
+        description="Revoke a token by its id.",
+        epilog=clidoc.examples(PROG, "tokens revoke 7"),
+        formatter_class=clidoc.ExamplesHelpFormatter,
+    )
     db_arg(revoke)
     revoke.add_argument("id", type=int, help="the token's id (tokens list)")
     return {"init": cmd_init, "tokens": cmd_tokens}
@@ -101,6 +137,10 @@ def add_agent_actions(
         help="revoke an agent's certificates: refused at once, open streams too",
         description="Revoke every certificate of the agent. The running collector ends its streams within "
         "a second and refuses it from then on; the agent must enroll again with a new token.",
+        epilog=clidoc.examples(
+            PROG, 'agents revoke web-01 --reason "host decommissioned"', "agents revoke 3f9a2c1e"
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(revoke)
     revoke.add_argument("agent", help="agent id (or its first characters) or hostname")
@@ -109,6 +149,10 @@ def add_agent_actions(
         "rename",
         help="give an agent the name operators know it by",
         description="Set the name shown for the agent; the hostname it reports no longer replaces it.",
+        epilog=clidoc.examples(
+            PROG, "agents rename 3f9a2c1e 市公安局-web-01", "agents rename web-01 web-01-old"
+        ),
+        formatter_class=clidoc.ExamplesHelpFormatter,
     )
     db_arg(rename)
     rename.add_argument("agent", help="agent id (or its first characters) or hostname")

@@ -256,3 +256,56 @@ class Stream:
     def close(self) -> None:
         self.requests.put(None)
         self.channel.close()
+
+
+# --- reports: their embedded figures, and a real browser -------------------------------------------
+
+
+def embedded(html: str) -> dict[str, Any]:
+    match = re.search(
+        r'<script type="application/json" id="zonewatch-report-data">(.*?)</script>', html, re.S
+    )
+    assert match, "no JSON data block"
+    document: dict[str, Any] = json.loads(match.group(1))
+    return document
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium, its whole process group ended if it outlives the timeout."""
+    proc = subprocess.Popen(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("chromium did not finish in 90 s") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def render_in_chromium(html: Path, workdir: Path) -> tuple[Path, Path]:
+    """Render a report to a PNG screenshot and to PDF; fails on a browser or console error."""
+    png, pdf = workdir / f"{html.stem}.png", workdir / f"{html.stem}.pdf"
+    shot = chromium(f"--screenshot={png}", "--window-size=1240,1754", html.as_uri(), profile=workdir / "p1")
+    printed = chromium(
+        f"--print-to-pdf={pdf}", "--no-pdf-header-footer", html.as_uri(), profile=workdir / "p2"
+    )
+    for result in (shot, printed):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "Uncaught" not in result.stderr and "ERROR:CONSOLE" not in result.stderr, result.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    return png, pdf

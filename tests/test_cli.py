@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,19 +22,47 @@ def subcommands(parser) -> dict[str, object]:  # type: ignore[no-untyped-def]
     return dict(action.choices)
 
 
+def command_tree(parser, path: str = ""):  # type: ignore[no-untyped-def]
+    """(path, parser) of every command and subcommand below ``parser``, depth first."""
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield f"{path} {name}".strip(), sub
+                yield from command_tree(sub, f"{path} {name}".strip())
+
+
 @pytest.mark.parametrize(
     ("program", "parser"), [("zonewatch-agent", agent_parser), ("zonewatch-collector", collector_parser)]
 )
 def test_every_command_has_help_and_description(program: str, parser) -> None:  # type: ignore[no-untyped-def]
     commands = subcommands(parser())
     assert commands
-    for name, sub in commands.items():
-        assert sub.description, f"{program} {name} has no description"
-        for action in sub._actions:
-            if action.dest != "help":
-                assert action.help, f"{program} {name} {action.option_strings} has no help text"
+    for name in commands:
         result = run_cli(program, name, "--help")
         assert "usage:" in result.stdout
+    for path, sub in command_tree(parser()):
+        assert sub.description, f"{program} {path} has no description"
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{program} {path} {action.option_strings} has no help text"
+
+
+@pytest.mark.parametrize(
+    ("program", "parser"), [("zonewatch-agent", agent_parser), ("zonewatch-collector", collector_parser)]
+)
+def test_every_command_has_examples(program: str, parser) -> None:  # type: ignore[no-untyped-def]
+    """Every command and subcommand ends its --help with examples an operator can copy, laid out one per
+    line (a formatter that re-wraps the epilog would run them together)."""
+    tree = list(command_tree(parser()))
+    assert program == "zonewatch-agent" or "incidents list" in dict(tree)  # the walk reaches subcommands
+    for path, sub in tree:
+        epilog = sub.epilog or ""
+        assert "example" in epilog.lower(), f"{program} {path} has no examples epilog"
+        examples = [line.strip() for line in epilog.splitlines() if line.strip().startswith(f"{program} ")]
+        assert examples, f"{program} {path}: no example line starts with {program}"
+        shown = {line.strip() for line in sub.format_help().splitlines()}
+        for example in examples:
+            assert example in shown, f"{program} {path} --help does not show {example!r} on a line of its own"
 
 
 def test_commands_are_in_the_readme() -> None:
@@ -166,3 +197,63 @@ def test_traffic_and_zones_commands(db: Path, tmp_path: Path) -> None:
         "zonewatch-collector", "zones", "show", str(sample), "--address", "not-ip", check=False
     )
     assert "not an IP address" in one_line_error(bad_address)
+
+
+def complete(script: str, *words: str) -> list[str]:
+    """What bash offers after ``words`` (the last one being completed), with the script sourced."""
+    line = " ".join(shlex.quote(w) for w in words)
+    program = (
+        f"source /dev/stdin\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; COMPREPLY=()\n"
+        f"{complete_function(words[0])}\nprintf '%s\\n' \"${{COMPREPLY[@]}}\""
+    )
+    result = subprocess.run(["bash", "-c", program], input=script, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def complete_function(program: str) -> str:
+    return "_" + program.replace("-", "_")
+
+
+@pytest.mark.parametrize("program", ["zonewatch-collector", "zonewatch-agent"])
+def test_bash_completion_from_the_parser(program: str, tmp_path: Path) -> None:
+    script = run_cli(program, "completion", "bash").stdout
+    checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    if program == "zonewatch-agent":
+        assert complete(script, program, "st") == ["status"]
+        assert "--state-dir" in complete(script, program, "run", "--st")
+        return
+    assert complete(script, program, "inc") == ["incidents"]
+    assert complete(script, program, "incidents", "l") == ["list"]
+    assert sorted(complete(script, program, "incidents", "list", "--fo")) == ["--follow", "--format"]
+    assert complete(script, program, "incidents", "list", "--format", "") == ["table", "json", "csv"]
+    assert complete(script, program, "incidents", "list", "--db", "x.db", "--sev") == ["--severity"]
+    assert complete(script, program, "completion", "") == ["bash", "zsh"]
+    (tmp_path / "zones.yaml").write_text("zones: []\n", encoding="utf-8")
+    assert complete(script, program, "zones", "validate", str(tmp_path / "zo")) == [
+        str(tmp_path / "zones.yaml")
+    ]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completion_from_the_parser() -> None:
+    script = run_cli("zonewatch-collector", "completion", "zsh").stdout
+    assert script.startswith("#compdef zonewatch-collector\n")
+    checked = subprocess.run(["zsh", "-n"], input=script, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    # compadd and compdef are zsh's completion system; stand-ins print what would be offered.
+    program = (
+        'compdef() { print -r -- "compdef $*"; }; compadd() { shift; print -r -- "$*"; }\n'
+        "source /dev/stdin\n"
+        "words=(zonewatch-collector incidents list --format ''); CURRENT=5; _zonewatch-collector\n"
+        "words=(zonewatch-collector inc); CURRENT=2; _zonewatch-collector\n"
+    )
+    result = subprocess.run(
+        ["zsh", "-f", "-c", program], input=script, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    registered, choices, commands = result.stdout.splitlines()
+    assert registered == "compdef _zonewatch-collector zonewatch-collector"
+    assert choices == "table json csv"
+    assert "incidents" in commands.split()

@@ -49,6 +49,11 @@ SUBNETS: dict[str, tuple[IPv4Network, IPv6Network]] = {
     "dedicated": (IPv4Network("10.250.2.0/24"), IPv6Network("fd00:250:2::/64")),
     "internet": (IPv4Network("198.51.100.0/24"), IPv6Network("2001:db8:100::/64")),
 }
+# Subnets a network builds only when asked (TestNetwork(extra_subnets=[...])), so the networks every other
+# test builds stay as they were: the province platform, the far end of the vertical extranet link.
+EXTRA_SUBNETS: dict[str, tuple[IPv4Network, IPv6Network]] = {
+    "province": (IPv4Network("10.250.3.0/24"), IPv6Network("fd00:250:3::/64")),
+}
 # A zone catalog of this network, as a collector would serve it: the extranet subnet, the
 # dedicated one (owned by 市公安局), and everything else as the internet.
 ZONE_CATALOG = f"""\
@@ -77,7 +82,7 @@ _ROUTER_SYSCTLS = (*_HOST_SYSCTLS, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.f
 
 def addresses(subnet: str, number: int) -> tuple[IPv4Address, IPv6Address]:
     """Host `number` of `subnet` in both families, written with the same digits: 10 -> (.10, ::10)."""
-    net4, net6 = SUBNETS[subnet]
+    net4, net6 = (SUBNETS | EXTRA_SUBNETS)[subnet]
     if not 0 < number < net4.num_addresses - 1:
         raise ValueError(f"no host number {number} in {net4}")
     return net4[number], net6[int(str(number), 16)]
@@ -209,12 +214,13 @@ def require_root_netns(*, iperf3: bool = True) -> None:
     """Skip the calling test (or module) unless this process can build test networks."""
     import pytest
 
-    reason = _missing_capability(iperf3)
+    reason = missing_capability(iperf3)
     if reason:
         raise pytest.skip.Exception(reason, allow_module_level=True)
 
 
-def _missing_capability(iperf3: bool) -> str | None:
+def missing_capability(iperf3: bool = True) -> str | None:
+    """Why this process cannot build test networks (None: it can); for scripts that are not tests."""
     if not sys.platform.startswith("linux"):
         return "network-namespace tests need Linux"
     if os.geteuid() != 0:
@@ -327,16 +333,21 @@ def _python_args(args: Sequence[object]) -> list[str]:
 
 
 class TestNetwork:
-    """A router namespace with one bridge per subnet in SUBNETS, and hosts added with add_host()."""
+    """A router namespace with one bridge per subnet in SUBNETS (and each of `extra_subnets`, names from
+    EXTRA_SUBNETS), and hosts added with add_host()."""
 
     __test__ = False  # not a test class, despite the name
 
-    def __init__(self) -> None:
+    def __init__(self, extra_subnets: Sequence[str] = ()) -> None:
+        unknown = [s for s in extra_subnets if s not in EXTRA_SUBNETS]
+        if unknown:
+            raise ValueError(f"extra subnets must be names from {list(EXTRA_SUBNETS)}, got {unknown}")
+        self.subnets = SUBNETS | {s: EXTRA_SUBNETS[s] for s in extra_subnets}
         self.prefix = f"{FAMILY}{os.getpid()}-{secrets.token_hex(3)}"
         self.hosts: dict[str, Host] = {}
         self.namespaces: list[str] = []
         self._processes: list[subprocess.Popen[Any]] = []
-        self._joined = dict.fromkeys(SUBNETS, 0)
+        self._joined = dict.fromkeys(self.subnets, 0)
         self._added = 0  # numbers the router's veth ends; a failed add_host still uses its number
         self._router: Host | None = None
 
@@ -360,7 +371,7 @@ class TestNetwork:
         try:
             _ip_batch([f"netns add {ns}", f"netns exec {ns} sysctl -qw {' '.join(_ROUTER_SYSCTLS)}"])
             lines = ["link set lo up"]
-            for subnet, (net4, net6) in SUBNETS.items():
+            for subnet, (net4, net6) in self.subnets.items():
                 bridge, (ip4, ip6) = f"br-{subnet}", addresses(subnet, ROUTER_NUMBER)
                 lines += [
                     f"link add {bridge} type bridge forward_delay 0 mcast_snooping 0",
@@ -375,9 +386,9 @@ class TestNetwork:
         self._router = Host(
             "router",
             ns,
-            {s: f"br-{s}" for s in SUBNETS},
-            {s: str(addresses(s, ROUTER_NUMBER)[0]) for s in SUBNETS},
-            {s: str(addresses(s, ROUTER_NUMBER)[1]) for s in SUBNETS},
+            {s: f"br-{s}" for s in self.subnets},
+            {s: str(addresses(s, ROUTER_NUMBER)[0]) for s in self.subnets},
+            {s: str(addresses(s, ROUTER_NUMBER)[1]) for s in self.subnets},
             self._processes,
         )
 
@@ -386,16 +397,16 @@ class TestNetwork:
         router = self.router
         if not _HOST_NAME.match(name) or name == "router" or name in self.hosts:
             raise ValueError(f"host name {name!r} is taken or not of the form {_HOST_NAME.pattern}")
-        unknown = [s for s in subnets if s not in SUBNETS]
+        unknown = [s for s in subnets if s not in self.subnets]
         if not subnets or unknown or len(set(subnets)) != len(subnets):
-            raise ValueError(f"subnets must be distinct names from {list(SUBNETS)}, got {list(subnets)}")
+            raise ValueError(f"subnets must be distinct names from {list(self.subnets)}, got {list(subnets)}")
         number, self._added = self._added, self._added + 1
         ns = f"{self.prefix}-{name}"
         host = Host(name, ns, {}, {}, {}, self._processes)
         router_lines: list[str] = []
         host_lines = ["link set lo up"]
         for i, subnet in enumerate(subnets):
-            net4, net6 = SUBNETS[subnet]
+            net4, net6 = self.subnets[subnet]
             ip4, ip6 = addresses(subnet, FIRST_HOST_NUMBER + self._joined[subnet])
             self._joined[subnet] += 1
             ifname, port = f"eth{i}", f"h{number}e{i}"  # the router's side: unique within its namespace

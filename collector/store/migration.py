@@ -52,6 +52,32 @@ class EvaluationReport(NamedTuple):
     transitions: int
 
 
+class GroupProgress(NamedTuple):
+    """A group's migration counts: a row of `migration` (and of the report's migration section)."""
+
+    group: str
+    pairs: int
+    not_started: int
+    dual_homed: int
+    migrated: int
+    regressed: int
+    exempt: int
+    unknown: int
+    percent_migrated: float
+
+
+class Pair(NamedTuple):
+    """A host and dedicated network in one state, as `migration` lists the regressed ones."""
+
+    hostname: str
+    agent_id: str
+    department: str
+    county: str
+    network: str
+    state: str
+    since_ms: int
+
+
 class StateRow(NamedTuple):
     hostname: str
     agent_id: str
