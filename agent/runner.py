@@ -195,8 +195,9 @@ class Agent:
         if self.listeners is None:
             return []
         now = self._monotonic()
+        # Half a tick of tolerance: ticks fire with jitter, and a poll due at 10 s must not wait for 20.
         due = self._listeners_polled_at is None or (
-            now - self._listeners_polled_at >= self.config.listener_interval_s
+            now - self._listeners_polled_at >= self.config.listener_interval_s - self.config.interval_s / 2
         )
         if not due:
             return []

@@ -52,7 +52,7 @@ import psutil
 
 from agent.sensors.interfaces import InterfaceSample
 from agent.wire import REPORT_METHOD, batch_request, hello_request
-from collector.config import CollectorConfig
+from collector.config import CollectorConfig, default_rules_dir
 from collector.server import create_server
 from collector.store import open_database
 from collector.store.schema import migrate
@@ -196,7 +196,10 @@ def collector_main(db_path: str, conn: multiprocessing.connection.Connection, cp
 
 
 async def _collector(db_path: Path, conn: multiprocessing.connection.Connection, cprofile: bool) -> None:
-    collector = await create_server(CollectorConfig(db_path=db_path, listen="127.0.0.1:0", insecure=True))
+    # The default rule pack judges every stored fact, as `zonewatch-collector serve` does.
+    collector = await create_server(
+        CollectorConfig(db_path=db_path, listen="127.0.0.1:0", insecure=True, rules_dir=default_rules_dir())
+    )
     # cProfile sees this process's event loop only; the database writer is a child
     # process (use --profile py-spy, which follows it, to see that side).
     profilers = {"event loop": cProfile.Profile()}

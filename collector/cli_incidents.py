@@ -68,7 +68,7 @@ examples:
   zonewatch-collector incidents list
   zonewatch-collector incidents list --severity high --since 24h
   zonewatch-collector incidents list --status all --department 市公安局 --format csv
-  zonewatch-collector incidents list --rule admin_port_scan --agent web-01 --format json
+  zonewatch-collector incidents list --rule port_scan_vertical --agent web-01 --format json
   zonewatch-collector incidents list --follow --severity high
   zonewatch-collector incidents list --follow --format json --max-seconds 3600 >> incidents.jsonl
 """
@@ -89,7 +89,7 @@ examples:
 """
 EXCEPTION_ADD_EXAMPLES = """\
 examples:
-  zonewatch-collector exceptions add --rule admin_port_scan --peer 10.20.0.5 --reason "备份服务器巡检" \\
+  zonewatch-collector exceptions add --rule port_scan_vertical --peer 10.20.0.5 --reason "备份服务器巡检" \\
       --owner 张三 --expires 90d
   zonewatch-collector exceptions add --rule '*' --host web-01 --port 22 --reason "vendor maintenance" \\
       --owner alice --expires 2027-03-31
@@ -383,7 +383,9 @@ def _guarded(
         try:
             if not write:
                 incidents.require_current_schema(db, args.db)
-            return handler(args, db, time.time_ns() // 1_000_000)
+            from collector.cli import now_ms  # here: collector.cli imports this module
+
+            return handler(args, db, now_ms())
         finally:
             db.close()
     except CollectorError as exc:

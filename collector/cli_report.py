@@ -15,7 +15,6 @@ import sqlite3
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,15 +119,14 @@ def add_parser(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from collector.output import check_range, parse_time
+    from collector.cli import now_ms
+    from collector.output import parse_since
     from collector.report import gather, render_html
 
     lang = args.lang or default_lang()
-    now = time.time_ns() // 1_000_000
     try:
-        since_ms = parse_time(args.from_ or args.since, now)
-        until_ms = parse_time(args.to, now)
-        check_range(since_ms, until_ms)
+        now = now_ms()
+        since_ms, until_ms = parse_since(args.from_ or args.since, args.to, now_ms=now)
         with _database(args.db) as db, _progress() as progress:
             data = gather(
                 db,

@@ -59,7 +59,7 @@ def add_parser(
         help="list, validate, test and explain the Sigma detection rules",
         description="The collector raises incidents from Sigma rules (one per file, logsource product "
         "zonewatch). Every rule ships sample events that must and must not raise it.",
-        epilog=_examples("list", "validate", "test", "explain inbound_port_scan --fact @event.json"),
+        epilog=_examples("list", "validate", "test", "explain port_scan_vertical --fact @event.json"),
         formatter_class=raw,
     )
     actions = rules.add_subparsers(
@@ -81,7 +81,7 @@ def add_parser(
         description="Load rules as the collector would: YAML, Sigma (pySigma) and zonewatch's checks "
         "(product, category, known fields, supported modifiers and correlation types, level, samples). "
         "Prints each problem as file:line: message and exits 1 if there is any.",
-        epilog=_examples("validate", "validate rules/inbound_port_scan.yml", "validate --rules ./my-rules"),
+        epilog=_examples("validate", "validate rules/port_scan_vertical.yml", "validate --rules ./my-rules"),
         formatter_class=raw,
     )
     _rules_arg(validate)
@@ -93,7 +93,7 @@ def add_parser(
         help="run every rule's sample events: match cases must raise it, no_match cases must not",
         description="Each case runs through a fresh engine holding only its rule. Prints PASS or FAIL "
         "per case and exits 1 if any case fails or any rule does not load.",
-        epilog=_examples("test", "test inbound_port_scan", "test --rules ./my-rules new_rule"),
+        epilog=_examples("test", "test port_scan_vertical", "test --rules ./my-rules new_rule"),
         formatter_class=raw,
     )
     _rules_arg(test)
@@ -108,8 +108,8 @@ def add_parser(
         "sample defaults; category defaults to the rule's. A JSON list of events also runs them in order "
         "through the rule, for correlations.",
         epilog=_examples(
-            'explain ssh_from_internet --fact \'{"direction": "inbound", "service": "ssh"}\'',
-            "explain inbound_port_scan --fact @events.json",
+            'explain admin_access_from_non_admin_zone --fact \'{"direction": "inbound", "service": "ssh"}\'',
+            "explain port_scan_vertical --fact @events.json",
         ),
         formatter_class=raw,
     )

@@ -46,13 +46,24 @@ _COL = {name: i for i, name in enumerate(SAMPLE_COLUMNS)}
 class _Cadence:
     """When an agent's batches arrive (collector clock), and at what interval, for the silence check."""
 
-    __slots__ = ("gaps", "last_ms")
+    __slots__ = ("gaps", "last_ms", "said")
 
     def __init__(self, last_ms: int) -> None:
         self.last_ms = last_ms
         self.gaps: deque[int] = deque(maxlen=9)
+        self.said = 0  # intervals missed when its last heartbeat event was emitted
+
+    def due(self, missed: float) -> bool:
+        """Emit a heartbeat at each whole interval missed up to 10, then each time the count doubles:
+        a host switched off overnight is one incident whose count grows slowly, not an update every tick."""
+        whole = int(missed)
+        if whole <= self.said or (whole > 10 and whole < 2 * self.said):
+            return False
+        self.said = whole
+        return True
 
     def arrived(self, received_ms: int) -> None:
+        self.said = 0
         if received_ms > self.last_ms:
             # Batches drained from a spool arrive back to back: those gaps say nothing of the interval.
             if received_ms - self.last_ms >= 200:
@@ -93,25 +104,32 @@ class Detector:
             return 0, []
         loaded, errors = load_rules(Path(self.config.rules_dir))
         rules = {str(r.path): r for r in loaded}
-        names = {r.name for r in loaded}
+        ids, names = {r.id for r in loaded}, {r.name for r in loaded}
         for error in errors:
             previous = self._rules.get(str(error.path))
-            # Kept unless a loaded file now claims the same rule name.
-            if previous is not None and str(error.path) not in rules and previous.name not in names:
+            # A file that no longer loads keeps its previous version, unless a loaded file now claims that
+            # rule's id or name (a copy renamed: load_rules refused the duplicate on purpose).
+            if (
+                previous is not None
+                and str(error.path) not in rules
+                and previous.id not in ids
+                and previous.name not in names
+            ):
                 rules[str(error.path)] = previous
+        self.engine.reload(list(rules.values()))  # first: if it refuses, what was in force stays
         self._rules = rules
-        self.engine.reload(list(rules.values()))
-        self._wanted = frozenset(r.category for r in rules.values())
+        self._wanted = frozenset(c for r in rules.values() for c in r.categories)
         return len(rules), [str(e) for e in errors]
 
     @property
     def rules(self) -> list[Rule]:
         return list(self._rules.values())
 
-    def forget_hosts(self) -> None:
-        """Labels changed (an agent registered, enrolled or was renamed): read them again when needed."""
-        self._hosts.clear()
-        self._keys.clear()
+    def forget_host(self, key: int) -> None:
+        """This agent's labels may have changed (it registered or enrolled): read them again when needed."""
+        host = self._hosts.pop(key, None)
+        if host is not None:
+            self._keys.pop(host.agent_id, None)
 
     # -- the three sources of events -----------------------------------------------------------------
 
@@ -180,7 +198,7 @@ class Detector:
             if silent_s > SILENCE_LOOKBACK_MS / 1000:
                 del self._cadence[key]  # retired; it comes back with its next batch
                 continue
-            if silent_s < interval * SILENT_AFTER_INTERVALS:
+            if silent_s < interval * SILENT_AFTER_INTERVALS or not cadence.due(silent_s / interval):
                 continue
             host = self._host(key)
             if host is None:
@@ -343,7 +361,8 @@ class Detector:
             if state is None:
                 state = self._baselines[(key, z.zone)] = [bps_out, 0.0]
             baseline = state[0] if state[1] >= BASELINE_WARMUP else -1.0
-            ratio = bps_out / baseline if baseline > 0 else (-1.0 if baseline < 0 else 0.0)
+            # A zero baseline (nothing ever sent there) counts as 1 bit/s: the first upload stands out.
+            ratio = bps_out / max(baseline, 1.0) if baseline >= 0 else -1.0
             state[0] += BASELINE_ALPHA * (bps_out - state[0])
             state[1] += 1
             if wanted:
@@ -363,12 +382,14 @@ class Detector:
             cols[_COL["time_ms"]], cols[_COL["interface"]], cols[_COL["interval_ms"]], cols[_COL["rx_bps"]],
             cols[_COL["tx_bps"]], cols[_COL["speed_bps"]], cols[_COL["utilization"]], strict=True,
         ):  # fmt: skip
-            if util > SATURATED:
-                start = since.setdefault((key, name), time_ms - interval_ms)
-                saturated_s = (time_ms - start) / 1000
-            else:
+            if util <= SATURATED:
+                # Only samples above the saturation threshold become events: every sample of every
+                # interface would cost the writer ~2 us each (a quarter of a core at 250k samples/s),
+                # and a rule about an interface's load has nothing to say below it.
                 since.pop((key, name), None)
-                saturated_s = 0.0
+                continue
+            start = since.setdefault((key, name), time_ms - interval_ms)
+            saturated_s = (time_ms - start) / 1000
             yield {
                 **base, "category": "interface", "time_ms": time_ms, "interface": name, "rx_bps": rx,
                 "tx_bps": tx, "speed_bps": speed, "utilization": util, "saturated_s": saturated_s,

@@ -151,8 +151,9 @@ class DetectionSchedule(_Periodic):
         self.last_errors: list[str] = []
 
     async def reload(self) -> tuple[int, list[str]]:
-        self._fingerprint = rules_fingerprint(self._rules_dir)
+        fingerprint = rules_fingerprint(self._rules_dir)
         count, errors = await self._ingest.reload_rules()
+        self._fingerprint = fingerprint  # only now: a reload that failed is tried again next step
         self.reloads += 1
         report_rule_errors(errors, self.last_errors)
         self.last_errors = errors

@@ -94,9 +94,12 @@ class Collector:
                 self.migration.catalog_changed()
             try:
                 await self.store_catalog()
-                await self.configure_detection()
             except CollectorError as exc:
                 log.error("zone catalog in force but not recorded in the database: %s", exc)
+            try:
+                await self.configure_detection()
+            except CollectorError as exc:
+                log.error("zone catalog in force but the rules still judge by the previous one: %s", exc)
 
     async def reload_rules(self) -> None:
         if self.detection is not None:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -105,7 +106,7 @@ class ZoneCatalog:
             for length in sorted(by_length, reverse=True):
                 mask = ((1 << length) - 1) << (bits - length)
                 self._index[family].append((length, mask, by_length[length]))
-        self._version = _content_hash(self.zones)
+        self._version = _content_hash(self.zones, self.access)
 
     @property
     def version(self) -> str:
@@ -207,9 +208,9 @@ def _flatten(spans: list[tuple[int, int, Zone | None]], top: int) -> list[tuple[
     return out
 
 
-def _content_hash(zones: Iterable[Zone]) -> str:
+def _content_hash(zones: Iterable[Zone], access: dict[str, tuple[str, ...]] | None = None) -> str:
     # Zones sorted by name: their order in the file does not change any lookup, so not the version either.
-    canonical = [
+    canonical: Any = [
         {
             "name": z.name,
             "kind": z.kind,
@@ -222,6 +223,8 @@ def _content_hash(zones: Iterable[Zone]) -> str:
         }
         for z in sorted(zones, key=lambda z: z.name)
     ]
+    if access:  # a new policy is a new version (the collector judges by it); none keeps old versions
+        canonical = {"zones": canonical, "access": {role: sorted(v) for role, v in access.items()}}
     text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -16,6 +16,7 @@ helpers every end-to-end test uses; attacks come from tests/e2e/attacks.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import signal
@@ -634,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_city(workdir, seconds=args.minutes * 60, progress=progress)
         started = time.monotonic()
-        write_report(result.db, out, args.lang)
+        write_report(result.db, out, args.lang, since=f"{math.ceil(args.minutes) + 10}m")  # the whole run
         _give_back(out)
         console.print(f"report written in {time.monotonic() - started:.1f} s")
         print(f"report:   {out}")

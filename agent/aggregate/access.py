@@ -146,7 +146,9 @@ class AccessTable:
                     entry = pending.pop(key, None)
                     if entry is not None and p.ts_ns - entry[0] > self._timeout_ns:
                         self._settle(key, entry)  # completed, but too late
-            elif (p.proto == ICMP and p.sport == 3) or (p.proto == ICMPV6 and p.sport == 1):
+            # Destination unreachable, but not ICMPv4 code 4 (fragmentation needed): that is path MTU
+            # discovery at work, routine traffic from routers, not a refusal.
+            elif (p.proto == ICMP and p.sport == 3 and p.dport != 4) or (p.proto == ICMPV6 and p.sport == 1):
                 self._icmp_unreachable(p, peer)
 
     def set_zones(self, zones: ZoneMap) -> None:
@@ -252,6 +254,9 @@ class AccessTable:
 
     def _attempt(self, p: PacketLike, peer: list[Any], key: Key) -> None:
         inbound = not p.outgoing
+        entry = self._pending.get(key)
+        if entry is not None and entry[1] == (_SYN_SEEN if inbound else _SYN_SENT):
+            return  # a retransmitted SYN of an attempt already counted, not another attempt
         port = key[2] if inbound else key[4]
         service = self._service(port)
         record = self._record(peer, inbound, service, key[1])

@@ -63,7 +63,6 @@ from collector.errors import QueryError
 from collector.migration import DAY_MS, STATES
 from collector.store import health, incidents, migration, queries, traffic
 from collector.store.migration import GroupProgress, Pair
-from collector.store.sql import translated
 
 # The most incidents a report details; the rest are counted and named as omitted.
 MAX_INCIDENTS = 200
@@ -169,12 +168,12 @@ def gather(
     department: str | None = None,
     county: str | None = None,
     now_ms: int,
-    db_path: str | Path | None = None,
+    db_path: str | Path,
     progress: Progress | None = None,
 ) -> ReportData:
     """Everything the report shows for [since_ms, until_ms), as of now_ms.
 
-    db_path: the database's file, for the health figures (by default asked of the connection).
+    db_path: the database's file, for the health figures (its size and the disk's free space).
     """
     if since_ms >= until_ms:
         raise QueryError("the report's period must end after it starts")
@@ -187,7 +186,7 @@ def gather(
     # One read transaction: every section sees the database as of one moment, however the writer
     # commits meanwhile.
     with queries.snapshot(db):
-        incidents.require_current_schema(db, db_path or "the database")
+        incidents.require_current_schema(db, db_path)
         step("agents")
         agents = queries.list_agents(db, now_ms, STALE_AFTER_MS, OFFLINE_AFTER_MS)
         labels = {a.agent_id: (a.department, a.county) for a in agents}
@@ -352,7 +351,7 @@ def _migration(
 
 def _coverage(
     db: sqlite3.Connection,
-    db_path: str | Path | None,
+    db_path: str | Path,
     agents: list[queries.AgentRow],
     since_ms: int,
     until_ms: int,
@@ -375,7 +374,7 @@ def _coverage(
     else:
         report = health.health_report(
             db,
-            db_path if db_path is not None else _path_of(db),
+            db_path,
             since_ms=since_ms,
             now_ms=until_ms,
             stale_after_ms=STALE_AFTER_MS,
@@ -398,13 +397,6 @@ def _coverage(
         health_since_ms=since_ms,
         health_until_ms=max(since_ms, until_ms),
     )
-
-
-def _path_of(db: sqlite3.Connection) -> str:
-    """The file behind the connection, for a caller that did not say (the health figures stat it)."""
-    with translated("find the database file"):
-        rows = db.execute("PRAGMA database_list").fetchall()
-    return next((str(file) for _, name, file in rows if name == "main" and file), "")
 
 
 def report_json(data: ReportData, lang: str) -> dict[str, Any]:

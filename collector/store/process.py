@@ -129,8 +129,9 @@ def _serve(conn: Connection, db_path: str) -> None:
                     hello = AgentHello(
                         fields[0], fields[1], fields[2], HostLabels(*fields[3]), fields[4], fields[5]
                     )
-                    reply("ok", writer.register(hello, now_ms, enrolled=enrolled))
-                    detector.forget_hosts()
+                    key = writer.register(hello, now_ms, enrolled=enrolled)
+                    reply("ok", key)
+                    detector.forget_host(writer.agent_key(hello.agent_id) or 0)
                 elif op == "enroll":
                     token_hash, fields = args
                     try:
@@ -139,7 +140,7 @@ def _serve(conn: Connection, db_path: str) -> None:
                         reply("ok", ("refused", str(exc)))
                     else:
                         writer.reload_agent(fields["agent_id"], forget=done.replaced_agent_id)
-                        detector.forget_hosts()
+                        detector.forget_host(done.key)
                         reply("ok", ("enrolled", done.key, tuple(done.labels), done.replaced_agent_id))
                 elif op == "renew":
                     try:
@@ -159,7 +160,6 @@ def _serve(conn: Connection, db_path: str) -> None:
                 elif op == "detection":
                     reply("ok", detector.configure(DetectionConfig.decode(args[0])))
                 elif op == "reload_rules":
-                    detector.forget_hosts()
                     reply("ok", detector.reload())
                 elif op == "silence":
                     reply("ok", _detect(detector.silence, args[0]))

@@ -251,13 +251,14 @@ def test_ipv6_peers_and_more_distinct_ports_than_the_set_holds() -> None:
     t = table()
     peer, local = ip("2001:db8::7"), ip("fd00::10")
     packets = [received(0, SYN, version=6, peer=peer, local=local, dport=port) for port in range(1024, 3024)]
+    # The same 5-tuples again within the handshake timeout: retransmissions, not new attempts.
     packets += [received(0, SYN, version=6, peer=peer, local=local, dport=port) for port in range(1024, 1123)]
     packets.append(received(0, 0, proto=58, sport=1, dport=4, version=6, peer=peer, local=local))
     t.add(packets)
     keyed = by_key(t.collect(T0 + 10 * SEC))
     scan = keyed[("inbound", "2001:db8::7", "")]
     assert (scan.peer_zone, scan.local_zone) == ("互联网", "本地")
-    assert (scan.attempts, scan.distinct_ports, len(scan.ports), scan.ports[0]) == (2099, 2000, 64, 1024)
+    assert (scan.attempts, scan.distinct_ports, len(scan.ports), scan.ports[0]) == (2000, 2000, 64, 1024)
     assert keyed[("outbound", "2001:db8::7", "")].icmp_unreachable == 1  # received: about our packets
 
 
@@ -267,3 +268,18 @@ def test_set_zones_applies_to_the_open_window() -> None:
     t.set_zones(ZoneMap())
     (r,) = t.collect(T0 + 10 * SEC)
     assert (r.peer_zone, r.local_zone) == ("unknown", "unknown")
+
+
+def test_a_retransmitted_syn_is_one_attempt_not_three() -> None:
+    t = table()
+    # A client knocking on a filtered port: its kernel sends the SYN again before the timeout.
+    t.add([received(0, SYN, dport=8443), received(0.3, SYN, dport=8443), received(0.6, SYN, dport=8443)])
+    (r,) = t.collect(T0 + 10 * SEC)
+    assert (r.attempts, r.half_open, r.ports) == (1, 0, (8443,))
+
+
+def test_fragmentation_needed_is_path_mtu_discovery_not_an_unreachable() -> None:
+    t = table()
+    t.add([received(0, 0, proto=1, sport=3, dport=4, length=576)])
+    (r,) = t.collect(T0 + 10 * SEC)
+    assert (r.icmp_unreachable, r.bytes_in) == (0, 576)

@@ -135,9 +135,9 @@ def test_saturation_is_timed_and_a_dip_starts_it_again(setup: tuple[Detector, Wr
     for n, load in enumerate(loads):
         t = T0 + n * 10_000
         observe(detector, writer, batch(n + 1, t, samples=samples(t, load)))
+    # Only saturated samples become events; each covers its 10 s interval, and the dip starts it again.
     saturated = [e["saturated_s"] for e in recorder.events]
-    assert saturated[0] == 10.0 and saturated[30] == 310.0  # each sample covers its 10 s interval
-    assert saturated[31] == 0.0 and saturated[32:] == [10.0, 20.0]
+    assert saturated == [10.0 * n for n in range(1, 32)] + [10.0, 20.0]
 
 
 def health(t: int, packets: int, drops: int) -> HealthRow:
@@ -210,3 +210,17 @@ def test_a_revoked_agent_is_gone_not_silent(
     db.execute("UPDATE agents SET revoked_ms = ? WHERE agent_id = 'a1'", (T0,))
     detector.silence(T0 + 60_000)
     assert recorder.events == []
+
+
+def test_a_long_silence_is_told_at_each_interval_then_ever_more_rarely(
+    setup: tuple[Detector, Writer, Recorder],
+) -> None:
+    detector, writer, recorder = setup
+    detector.silence(T0)
+    for n in range(5):
+        observe(detector, writer, batch(n + 1, T0 + n * 2000))
+    last = T0 + 4 * 2000
+    for second in range(1, 200):
+        detector.silence(last + second * 1000)
+    told = [int(e["intervals_missed"]) for e in recorder.events]
+    assert told == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 40, 80]
