@@ -687,9 +687,7 @@ def _silence_stdout() -> None:
 def _show(args: argparse.Namespace, db: sqlite3.Connection, now: int) -> int:
     detail = incidents.incident_detail(db, args.id)
     if args.format == "json":
-        document = detail._asdict()
-        document["actions"] = [a._asdict() for a in detail.actions]
-        json.dump(document, sys.stdout, ensure_ascii=False, indent=2)
+        json.dump(incidents.detail_document(detail), sys.stdout, ensure_ascii=False, indent=2)
         sys.stdout.write("\n")
     else:
         print_incident(detail, sys.stdout)

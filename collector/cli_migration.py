@@ -14,7 +14,6 @@ from collector.store.migration import GroupProgress, Pair
 
 Handler = Callable[[argparse.Namespace], int]
 PROG = "zonewatch-collector"
-EXPIRING_MS = 14 * DAY_MS
 
 
 class TrendRow(NamedTuple):
@@ -148,7 +147,7 @@ def _fleet(args: argparse.Namespace, db: Any, now: int) -> int:
         render(trend, args.format, _columns(TrendRow, time_field="bucket_end_ms"), sys.stdout)
         return 0
     if args.state:
-        pairs = [_pair(r) for r in rows if r.state == args.state]
+        pairs = [migration.pair(r) for r in rows if r.state == args.state]
         render(
             pairs,
             args.format,
@@ -157,12 +156,9 @@ def _fleet(args: argparse.Namespace, db: Any, now: int) -> int:
             empty_message=f"no host is {args.state}",
         )
         return 0
-    groups = [
-        GroupProgress._make((s.group, s.hosts, *(s.counts[state] for state in STATES), s.percent_migrated))
-        for s in migration.summarize(rows, args.by)
-    ]
-    regressed = [_pair(r) for r in rows if r.state == "regressed"]
-    expiring = [e for e in migration.exemptions(db, now) if e.until_ms - now <= EXPIRING_MS]
+    groups = migration.progress(rows, args.by)
+    regressed = [migration.pair(r) for r in rows if r.state == "regressed"]
+    expiring = [e for e in migration.exemptions(db, now) if e.until_ms - now <= migration.EXPIRING_MS]
     if args.format == "json":
         json.dump(
             {
@@ -206,7 +202,7 @@ def _host(args: argparse.Namespace, db: Any) -> int:
     if args.format == "csv":
         from collector.output import render
 
-        render([_pair(r) for r in rows], "csv", None, sys.stdout)
+        render([migration.pair(r) for r in rows], "csv", None, sys.stdout)
         return 0
     if not rows:
         print("no migration state for this host yet")
@@ -267,10 +263,6 @@ def _unexempt(args: argparse.Namespace, db: Any, now: int) -> int:
     migration.unexempt(db, resolve_agent(db, args.host), args.network, now, args.ended_by)
     print(f"the exemption of {args.host} for {args.network} is ended; it is judged again now")
     return 0
-
-
-def _pair(r: Any) -> Pair:
-    return Pair(r.hostname, r.agent_id, r.department, r.county, r.network, r.state, r.since_ms)
 
 
 def _columns(record: type, *, time_field: str = "", first_header: str = "") -> list[Any]:

@@ -244,9 +244,18 @@ class DetectionConfig:
     def allows(self, role: str, zone: str) -> bool:
         """The same judgment as ZoneCatalog.allows, from the catalog's summary."""
         info = self.zones.get(zone)
-        if info is None:
-            return True
-        if info.kind == "classified":
-            return False
-        allowed = self.access.get(role, self.access.get("*"))
-        return allowed is None or zone in allowed or info.kind in allowed
+        return zone_allowed(self.access, role, zone, info.kind if info else None)
+
+
+def zone_allowed(access: dict[str, tuple[str, ...]], role: str, zone: str, kind: str | None) -> bool:
+    """May a host of ``role`` reach ``zone`` (of ``kind``; None: in no zone of the catalog, not judged)?
+
+    ``access`` maps a role, or "*" for the roles not listed, to the zone names and kinds it may reach;
+    without an entry every zone may be reached. Classified zones never may.
+    """
+    if kind is None:
+        return True
+    if kind == "classified":
+        return False
+    allowed = access.get(role, access.get("*"))
+    return allowed is None or zone in allowed or kind in allowed

@@ -26,13 +26,12 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from collector.errors import CollectorError
+from collector.model import zone_allowed
 
 ZONE_KINDS = ("extranet", "dedicated", "internet", "classified", "local")
 DIRECTIONS = ("vertical", "horizontal")
 ZONE_KEYS = ("name", "kind", "direction", "department", "cidrs", "capacity", "admin")
 TOP_KEYS = ("zones", "access")
-# In ``access:``, the entry for every role that has none of its own.
-ANY_ROLE = "*"
 MAX_NAME_CHARS = 64
 # Agents report peers outside every zone as "unknown"; a zone of that name would be indistinguishable.
 RESERVED_NAMES = ("unknown",)
@@ -125,12 +124,7 @@ class ZoneCatalog:
     def allows(self, role: str, zone_name: str) -> bool:
         """May a host of this role reach this zone? Unknown peers are not judged (True)."""
         zone = self._by_name.get(zone_name)
-        if zone is None:
-            return True
-        if zone.kind == "classified":
-            return False
-        allowed = self.access.get(role, self.access.get(ANY_ROLE))
-        return allowed is None or zone.name in allowed or zone.kind in allowed
+        return zone_allowed(self.access, role, zone_name, zone.kind if zone else None)
 
     def zone_of(self, address: str | Address) -> Zone | None:
         """The zone of the longest prefix holding ``address``; None when no zone does.

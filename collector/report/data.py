@@ -71,7 +71,6 @@ MAX_DAYS = 400
 # As `traffic` by default: rates over one-minute buckets.
 LINK_BUCKET_MS = 60_000
 # As `migration`: exemptions expiring within 14 days.
-EXPIRING_MS = 14 * DAY_MS
 # As `agents` and `health` by default.
 STALE_AFTER_MS = 60_000
 OFFLINE_AFTER_MS = 600_000
@@ -320,33 +319,21 @@ def _migration(
 ) -> MigrationProgress:
     rows = [r for r in migration.states(db) if wanted(r.department, r.county)]
 
-    def groups(by: str) -> list[GroupProgress]:
-        return [
-            GroupProgress._make(
-                (s.group, s.hosts, *(s.counts[state] for state in STATES), s.percent_migrated)
-            )
-            for s in migration.summarize(rows, by)
-        ]
-
-    by_department = groups("department")
+    by_department = migration.progress(rows, "department")
     counts = {state: sum(getattr(g, state) for g in by_department) for state in STATES}
-    pairs = sum(counts.values())
-    known = pairs - counts["unknown"]
-    # The formula of store/migration.summarize, over every pair.
-    percent = round(100.0 * (counts["migrated"] + counts["exempt"]) / known, 1) if known else 0.0
-    overall = GroupProgress._make(("*", pairs, *(counts[state] for state in STATES), percent))
-    regressed = [
-        Pair(r.hostname, r.agent_id, r.department, r.county, r.network, r.state, r.since_ms)
-        for r in rows
-        if r.state == "regressed"
-    ]
+    overall = GroupProgress._make(
+        ("*", sum(counts.values()), *(counts[state] for state in STATES), migration.percent_migrated(counts))
+    )
+    regressed = [migration.pair(r) for r in rows if r.state == "regressed"]
     expiring = [
         e
         for e in migration.exemptions(db, now_ms)
-        if e.until_ms - now_ms <= EXPIRING_MS and wanted(*labels.get(e.agent_id, ("", "")))
+        if e.until_ms - now_ms <= migration.EXPIRING_MS and wanted(*labels.get(e.agent_id, ("", "")))
     ]
     trend = None if filtered else migration.trend(db, since_ms=since_ms, until_ms=until_ms, bucket_ms=DAY_MS)
-    return MigrationProgress(by_department, groups("county"), overall, regressed, expiring, trend)
+    return MigrationProgress(
+        by_department, migration.progress(rows, "county"), overall, regressed, expiring, trend
+    )
 
 
 def _coverage(
@@ -458,6 +445,4 @@ def report_json(data: ReportData, lang: str) -> dict[str, Any]:
 
 def incident_json(detail: incidents.IncidentDetail) -> dict[str, Any]:
     """An incident as `incidents show --format json` prints it."""
-    document = detail._asdict()
-    document["actions"] = [a._asdict() for a in detail.actions]
-    return document
+    return incidents.detail_document(detail)

@@ -499,3 +499,10 @@ def incident_detail(db: sqlite3.Connection, incident_id: int) -> IncidentDetail:
     fields[8] = _loads(fields[8])  # dedup_fields
     fields[19] = _loads(fields[19])  # evidence
     return IncidentDetail._make([*fields, actions])
+
+
+def detail_document(detail: IncidentDetail) -> dict[str, Any]:
+    """One incident as plain data: what `incidents show --format json` prints and reports embed."""
+    document = detail._asdict()
+    document["actions"] = [a._asdict() for a in detail.actions]
+    return document

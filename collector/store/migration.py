@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from collector.errors import QueryError, StoreError
 from collector.migration import (
+    DAY_MS,
     NEVER,
     STATES,
     Catalog,
@@ -50,6 +51,10 @@ class EvaluationReport(NamedTuple):
     traffic_rows: int
     agents: int
     transitions: int
+
+
+# Exemptions ending within this are listed as expiring (`migration`, the report).
+EXPIRING_MS = 14 * DAY_MS
 
 
 class GroupProgress(NamedTuple):
@@ -483,14 +488,30 @@ def summarize(rows: list[StateRow], by: str) -> list[Summary]:
     groups: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(STATES, 0))
     for row in rows:
         groups[key[by](row) or "(none)"][row.state] += 1
-    out = []
-    for group, counts in groups.items():
-        total = sum(counts.values())
-        known = total - counts["unknown"]
-        done = counts["migrated"] + counts["exempt"]
-        out.append(Summary(group, total, counts, round(100.0 * done / known, 1) if known else 0.0))
+    out = [
+        Summary(group, sum(counts.values()), counts, percent_migrated(counts))
+        for group, counts in groups.items()
+    ]
     out.sort(key=lambda s: (-s.hosts, s.group))
     return out
+
+
+def percent_migrated(counts: dict[str, int]) -> float:
+    """Migrated and exempt pairs of all whose state is known, in percent (0 when none is known)."""
+    known = sum(counts.values()) - counts["unknown"]
+    return round(100.0 * (counts["migrated"] + counts["exempt"]) / known, 1) if known else 0.0
+
+
+def progress(rows: list[StateRow], by: str) -> list[GroupProgress]:
+    """summarize() as the rows `migration` prints (and the report shows)."""
+    return [
+        GroupProgress._make((s.group, s.hosts, *(s.counts[state] for state in STATES), s.percent_migrated))
+        for s in summarize(rows, by)
+    ]
+
+
+def pair(row: StateRow) -> Pair:
+    return Pair(row.hostname, row.agent_id, row.department, row.county, row.network, row.state, row.since_ms)
 
 
 def trend(db: sqlite3.Connection, *, since_ms: int, until_ms: int, bucket_ms: int) -> list[dict[str, Any]]:
