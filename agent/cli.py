@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from agent import __version__, clidoc
+from agent import __version__, clidoc, logfmt
 from agent.config import DEFAULT_CONFIG, AgentConfig, load_config
 from agent.credentials import Credentials, is_enrolled, load_credentials, read_enrollment
-from agent.errors import AgentError, CredentialsError, NotEnrolledError
+from agent.errors import AgentError, ConfigError, CredentialsError, NotEnrolledError
 from agent.sensors.interfaces import InterfaceSampler
 from agent.wire import batch_request, hello_request, to_json
 
 PROG = "zonewatch-agent"
+TOKEN_ENV = "ZONEWATCH_TOKEN"  # enroll's token, out of the process list
 EXAMPLES = """\
 examples:
   zonewatch-agent enroll --collector 10.0.0.5:7390 --token zwt_… --ca-fingerprint SHA256:9f86…
@@ -80,8 +82,16 @@ def _enroll_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="the collector's address HOST:PORT (its mTLS port; recorded for `run`)",
     )
-    parser.add_argument(
-        "--token", required=True, help="one-time enrollment token from `zonewatch-collector tokens create`"
+    # A token on the command line is visible to every user in the process list: the file or the
+    # environment (readable by this user and root only) keep it out of there.
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        help="one-time enrollment token from `zonewatch-collector tokens create` (seen in the process"
+        f" list: prefer --token-file or ${TOKEN_ENV})",
+    )
+    token.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="read the token from FILE (its first line)"
     )
     parser.add_argument(
         "--ca-fingerprint",
@@ -124,15 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="get this agent's certificate from the collector with a one-time token",
         description="Check the collector's CA against --ca-fingerprint, make this host's key, and "
         "trade the token for a client certificate. Stores tls/agent.key (0600), tls/agent.crt, "
-        "tls/ca.crt and enrollment.json in the state directory.",
+        "tls/ca.crt and enrollment.json in the state directory. The token comes from --token, "
+        f"--token-file or the environment variable {TOKEN_ENV}, in that order.",
         epilog=clidoc.examples(
             PROG,
             "enroll --collector 10.0.0.5:7390 --token zwt_… --ca-fingerprint SHA256:9f86…",
             "enroll --collector 10.0.0.5:7390 --token zwt_… --ca-fingerprint SHA256:9f86… --force",
+            "enroll --collector 10.0.0.5:7390 --token-file /root/token --ca-fingerprint SHA256:9f86…",
+            f"enroll --collector 10.0.0.5:7390 --ca-fingerprint SHA256:9f86…   # the token from ${TOKEN_ENV}",
         ),
         formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _enroll_arguments(enroll)
+    logfmt.add_format_option(enroll)
     run = sub.add_parser(
         "run",
         help="sample and report to the collector until stopped (SIGTERM/Ctrl-C)",
@@ -142,11 +156,37 @@ def build_parser() -> argparse.ArgumentParser:
             PROG,
             "run",
             "run --config /etc/zonewatch/agent.toml -v",
+            "run --log-format json   # one JSON object per log line, also on a terminal",
             "run --insecure --collector 127.0.0.1:7390 --department 市公安局   # a lab: no TLS",
+            "run --cpu-budget 2 --rss-budget 60   # a busy gateway: a larger budget",
         ),
         formatter_class=clidoc.ExamplesHelpFormatter,
     )
     _common(run)
+    run.add_argument(
+        "--cpu-budget",
+        type=float,
+        dest="cpu_budget_percent",
+        metavar="PERCENT",
+        help="CPU budget in %% of one core; over it the agent samples the capture, then lengthens"
+        " intervals, then stops the capture (default 1; 0: not watched)",
+    )
+    run.add_argument(
+        "--rss-budget",
+        type=float,
+        dest="rss_budget_mb",
+        metavar="MB",
+        help="memory budget (RSS); over it the agent frees memory, shrinks capture tables, then"
+        " degrades as for CPU (default 40; 0: not watched)",
+    )
+    run.add_argument(
+        "--budget-window",
+        type=float,
+        dest="budget_window_s",
+        metavar="SECONDS",
+        help="CPU is judged over this rolling window (default 30)",
+    )
+    logfmt.add_format_option(run)
     once = sub.add_parser(
         "once",
         help="take one sample and print the report that would be sent",
@@ -185,6 +225,9 @@ def _config(args: argparse.Namespace) -> AgentConfig:
             "role",
             "hostname",
             "insecure",
+            "cpu_budget_percent",
+            "rss_budget_mb",
+            "budget_window_s",
         )
     }
     if getattr(args, "interfaces", None):
@@ -207,10 +250,31 @@ def _credentials(config: AgentConfig) -> Credentials | None:
     return None if config.insecure else load_credentials(config.state_dir)
 
 
+def _token(args: argparse.Namespace) -> str:
+    """The enrollment token from --token, --token-file or $ZONEWATCH_TOKEN; ConfigError when none."""
+    if args.token:
+        return str(args.token).strip()
+    if args.token_file is not None:
+        try:
+            lines = args.token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc}") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ConfigError(f"no enrollment token: pass --token, --token-file FILE or set {TOKEN_ENV}")
+    return token
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     from agent.enroll import EnrollOptions, enroll  # cryptography: only for this command
     from agent.renewal import format_ms, renewal_due_ms
 
+    args.token = _token(args)
+    logfmt.register_secret(args.token)  # a one-time secret: never in a log line, not even in an error
     config = load_config(args.config, {"state_dir": args.state_dir, "hostname": args.hostname})
     result = enroll(
         EnrollOptions(
@@ -352,10 +416,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    # Only the long-running commands offer --log-format; the others log (rarely) as text.
+    logfmt.configure(
+        getattr(args, "log_format", "text"),
+        verbose=args.verbose,
+        journal_stream=os.environ.get("JOURNAL_STREAM"),
     )
     handlers = {
         "enroll": cmd_enroll,
@@ -367,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except AgentError as exc:
-        print(f"zonewatch-agent: error: {exc}", file=sys.stderr)
+        logfmt.report_error(PROG, str(exc))
         return 2
     except KeyboardInterrupt:
         return 130

@@ -98,6 +98,11 @@ class AgentConfig:
     # Plaintext gRPC and a random agent id kept in the state directory: for a lab collector
     # without TLS only. Otherwise the agent runs only once enrolled (mTLS, id = its key).
     insecure: bool = False
+    # The agent's own budget (agent.selfwatch): CPU in percent of one core over budget_window_s,
+    # and RSS in MB; over it the agent degrades step by step instead of being killed. 0: not watched.
+    cpu_budget_percent: float = 1.0
+    rss_budget_mb: float = 40.0
+    budget_window_s: float = 30.0
 
     @property
     def spool_path(self) -> Path:
@@ -125,6 +130,9 @@ _FILE_KEYS = {
     "listeners": bool,
     "listener_interval": (int, float),
     "insecure": bool,
+    "cpu_budget": (int, float),
+    "rss_budget_mb": (int, float),
+    "budget_window": (int, float),
 }
 
 
@@ -160,6 +168,11 @@ def load_config(
         raise ConfigError(f"interval must be > 0 seconds, got {config.interval_s}")
     if not config.listener_interval_s > 0:
         raise ConfigError(f"listener_interval must be > 0 seconds, got {config.listener_interval_s}")
+    if not (config.cpu_budget_percent >= 0 and config.rss_budget_mb >= 0 and config.budget_window_s > 0):
+        raise ConfigError(
+            "cpu_budget and rss_budget_mb must be >= 0 (0: not watched) and budget_window > 0 seconds,"
+            f" got {config.cpu_budget_percent}, {config.rss_budget_mb}, {config.budget_window_s}"
+        )
     check_address(config.collector)
     return config
 
@@ -215,8 +228,12 @@ def _read_file(path: Path) -> dict[str, Any]:
             values["interfaces"] = tuple(value)
         elif key == "state_dir":
             values["state_dir"] = Path(value)
-        elif key in ("flow_idle_timeout", "flow_active_timeout", "listener_interval"):
+        elif key in ("flow_idle_timeout", "flow_active_timeout", "listener_interval", "budget_window"):
             values[f"{key}_s"] = float(value)
+        elif key == "cpu_budget":
+            values["cpu_budget_percent"] = float(value)
+        elif key == "rss_budget_mb":
+            values[key] = float(value)
         elif key == "spool_max_mb":
             values["spool_max_bytes"] = value * 1024 * 1024
         elif key == "admin_ports":

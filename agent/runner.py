@@ -23,10 +23,20 @@ from agent.health import Health, SelfMonitor
 from agent.identity import load_or_create_agent_id
 from agent.policy import PolicyUpdate
 from agent.renewal import Renewal
+from agent.selfwatch import (
+    Budget,
+    CpuLedger,
+    SelfWatch,
+    clip_status,
+    read_process,
+    release_memory,
+    report_degradation,
+)
 from agent.sensors.accounting import NftAccountant, ZoneDelta, ZoneTrafficSampler
 from agent.sensors.interfaces import InterfaceSample, InterfaceSampler
 from agent.sensors.inventory import InventorySensor
 from agent.sensors.listeners import ListenerSensor
+from agent.sensors.sockets import attribution_note
 from agent.spool import Spool
 from agent.transport import Transport
 from agent.wire import (
@@ -81,9 +91,23 @@ class Agent:
         self.interval_s = config.interval_s
         self._policy_refresh_s = 60.0
         self._monitor = SelfMonitor()
+        # The agent's own budget: sensors' CPU is timed into the ledger; the watch judges it each tick.
+        self.ledger = CpuLedger()
+        budget = Budget(config.cpu_budget_percent, config.rss_budget_mb, config.budget_window_s)
+        self.selfwatch = SelfWatch(
+            budget,
+            lambda: read_process(self.ledger, monotonic),
+            # A capture with no engines (no CAP_NET_RAW) has nothing to sample: budget steps skip it.
+            has_capture=lambda: self.flows is not None and bool(self.flows.engines),
+            capture_memory=lambda: self.flows.memory_bytes() if self.flows is not None else 0,
+            table_memory=lambda: self.flows.table_bytes() if self.flows is not None else 0,
+        )
+        self._capture_stopped = False  # by the budget, as its last step
+        self._settled = False  # start-up's garbage given back to the kernel (after the first tick)
         # What each sensor is doing, reported with every batch: nothing is off silently.
         self.sensors: dict[str, str] = {"interfaces": "on"}
         self._zones_version = ""
+        self._zones_update: PolicyUpdate | None = None
         self._zone_sampler: ZoneTrafficSampler | None = None
         self._zone_method = ""  # "nftables" or "capture" once counting
         self.accountant: NftAccountant | None = None
@@ -110,6 +134,9 @@ class Agent:
         self.sensors["listeners"] = (
             "starting" if config.listeners else "off: disabled in the agent's configuration"
         )
+        # Without CAP_SYS_PTRACE (the unit grants only NET_RAW, NET_ADMIN) other users' sockets stay
+        # unattributed: said in the flows' and listeners' status rather than left silently blank.
+        self._attribution_note = attribution_note() if config.flows or config.listeners else ""
         self.transport = Transport(
             config.collector or DEFAULT_COLLECTOR,
             self.spool,
@@ -151,23 +178,91 @@ class Agent:
 
     def tick(self) -> int:
         """Sample every sensor once and spool what they saw as one batch; return its seq."""
-        samples = self._sampler.sample()
+        with self.ledger.measure("interfaces"):
+            samples = self._sampler.sample()
         time_ms = self._clock_ms()
-        extra = [zone_traffic_fact(delta, time_ms, self._zone_method) for delta in self._zone_deltas()]
+        with self.ledger.measure("zone_accounting"):
+            extra = [zone_traffic_fact(delta, time_ms, self._zone_method) for delta in self._zone_deltas()]
         if self.flows is not None:
-            self.flows.watch(self._capture_interfaces())
-            # Expired flows leave the tables either way; they are reported only when flows are on.
-            closed = self.flows.collect(attribute=self.config.flows)
-            if self.config.flows:
-                extra += [flow_fact(flow, time_ms) for flow in closed]
-                self.sensors["flows"] = self.flows.status()
-            if self.config.access:
-                extra += [access_fact(r, time_ms) for r in self.flows.collect_access(time_ms * NS_PER_MS)]
-                self.sensors["access"] = self._access_status()
-        extra += self._inventory_facts(time_ms)
-        extra += self._listener_facts(time_ms)
+            with self.ledger.measure("capture"):
+                extra += self._capture_facts(time_ms)
+        with self.ledger.measure("inventory"):
+            extra += self._inventory_facts(time_ms)
+        with self.ledger.measure("listeners"):
+            extra += self._listener_facts(time_ms)
+        self._check_budget()
         extra.append(health_fact(self._health(), time_ms))
         return self.spool_batch(samples, extra, time_ms)
+
+    def _capture_facts(self, time_ms: int) -> list[Any]:
+        assert self.flows is not None
+        self.flows.watch(self._capture_interfaces())
+        # Expired flows leave the tables either way; they are reported only when flows are on.
+        closed = self.flows.collect(attribute=self.config.flows)
+        extra: list[Any] = []
+        if self.config.flows:
+            extra += [flow_fact(flow, time_ms) for flow in closed]
+            self.sensors["flows"] = self._attributed(self.flows.status())
+        if self.config.access:
+            extra += [access_fact(r, time_ms) for r in self.flows.collect_access(time_ms * NS_PER_MS)]
+            self.sensors["access"] = self._access_status()
+        return extra
+
+    def _check_budget(self) -> None:
+        """Judge this interval against the budget, change what runs if it says so, and say what runs."""
+        if self.flows is not None:
+            self.ledger.track_thread("capture", self.flows.thread_id)
+        if not self._settled:
+            # Imports, the first full inventory and the first batch leave freed heap behind: give it
+            # back once, so steady RSS is what running costs.
+            self._settled = True
+            release_memory()
+        if self.selfwatch.observe():
+            self._apply_budget()
+        step = self.selfwatch.step
+        if self.flows is not None:  # every tick: a capture may have started since (zone accounting)
+            self.flows.set_min_sampling(step.sampling)
+            self.flows.limit_tables(4 if self.selfwatch.tables_shrunk else 1)
+        self.sensors["budget"] = self.selfwatch.status()
+        capturing = self.flows is not None and bool(self.flows.engines)
+        report_degradation(self.sensors, step, self.interval_s, capturing, self._capture_stopped)
+
+    def _apply_budget(self) -> None:
+        step = self.selfwatch.step
+        if step.capture_off and self.flows is not None:
+            self._stop_capture()
+        elif not step.capture_off and self._capture_stopped:
+            self._capture_stopped = False
+            if self.flows is None:  # a second start would leak the running capture's thread and ring
+                self.start_flows()
+            update = self._zones_update
+            if update is not None and not self._zone_method and self.config.zone_accounting != "off":
+                self._apply_zones(update)  # zone accounting by capture resumes
+
+    def _stop_capture(self) -> None:
+        """The budget's last step: flows still open and the access window are reported, then no capture."""
+        assert self.flows is not None
+        remaining, now = self.flows.close(), self._clock_ms()
+        last = [flow_fact(f, now) for f in remaining] if self.config.flows else []
+        if self.config.access:
+            last += [access_fact(r, now) for r in self.flows.collect_access(now * NS_PER_MS)]
+        self.flows, self._capture_stopped = None, True
+        why = "off: capture stopped by the agent's budget (its last step)"
+        for name in ("flows", "access"):
+            if self.sensors.get(name, "").startswith("on"):
+                self.sensors[name] = why
+        if self._zone_method == "capture":
+            self._zone_sampler, self._zone_method = None, ""
+            self.sensors["zone_accounting"] = why
+        if last:
+            try:
+                self.spool_batch([], last, now)
+            except AgentError as exc:
+                log.error("could not spool the flows open when the capture stopped: %s", exc)
+
+    def _attributed(self, status: str) -> str:
+        note = self._attribution_note
+        return clip_status(f"{status}; {note}") if note and status.startswith("on") else status
 
     def _inventory_facts(self, time_ms: int) -> list[Any]:
         if self.inventory is None:
@@ -208,7 +303,7 @@ class Agent:
             # Nothing is sent (a failed read would read as every listener closed); tried again when due.
             self.sensors["listeners"] = f"off: {exc}"
             return []
-        self.sensors["listeners"] = f"on: every {self.config.listener_interval_s:g} s"
+        self.sensors["listeners"] = self._attributed(f"on: every {self.config.listener_interval_s:g} s")
         return [listener_fact(event, time_ms) for event in events]
 
     def _zone_deltas(self) -> list[ZoneDelta]:
@@ -314,9 +409,11 @@ class Agent:
             if stop.is_set():
                 return
             # Schedule from the plan, not from now: no drift, and a late tick does not shift the next.
-            next_at += self.interval_s
+            # Over the CPU budget, per-interval sensors run every 2x or 4x the interval (agent.selfwatch).
+            interval = self.interval_s * self.selfwatch.step.interval_factor
+            next_at += interval
             if next_at < loop.time():
-                next_at = loop.time() + self.interval_s
+                next_at = loop.time() + interval
             try:
                 self.tick()
             except AgentError as exc:
@@ -391,7 +488,7 @@ class Agent:
             access=access,
         )
         if self.config.flows:
-            self.sensors["flows"] = self.flows.status()
+            self.sensors["flows"] = self._attributed(self.flows.status())
             if not self.flows.engines:
                 log.warning("flows %s", self.sensors["flows"])
         if self.config.access:
@@ -399,6 +496,7 @@ class Agent:
 
     def _apply_zones(self, update: PolicyUpdate) -> None:
         self._zones_version = update.zones_version
+        self._zones_update = update
         self._zone_map = ZoneMap(update.zones)
         if self.flows is not None:
             self.flows.set_zones(self._zone_map)
@@ -442,6 +540,10 @@ class Agent:
     def _count_by_capture(self, update: PolicyUpdate, why_not_nft: str) -> None:
         """Count from the packet capture: the flow tables tally bytes per remote zone."""
         fallback = f" (nftables unavailable: {why_not_nft})" if why_not_nft else ""
+        if self._capture_stopped:
+            # The budget stopped the capture: it stays off; _zones_update resumes counting when it steps back.
+            self.sensors["zone_accounting"] = "off: capture stopped by the agent's budget"
+            return
         if self.flows is None:
             # Flows are off in the config, but the capture is the only way left to count.
             self.start_flows()

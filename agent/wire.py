@@ -6,8 +6,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import json_format
-
 from agent.aggregate.access import INBOUND, AccessRecord
 from agent.aggregate.flows import TCP, UDP, FlowRecord, ProcessRef
 from agent.config import LABELS
@@ -246,6 +244,8 @@ def renumber_payload(payload: bytes, seq: int) -> bytes:
 
 def to_json(message: Any) -> str:
     """The message as the proto3 JSON mapping, every field shown, names as in the .proto."""
+    from google.protobuf import json_format  # `once --json` only: not kept in a running agent
+
     as_dict = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )

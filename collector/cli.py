@@ -14,8 +14,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import clidoc
-from collector import __version__, cli_explore, cli_incidents, cli_migration, cli_report, cli_rules, cli_trust
+from agent import clidoc, logfmt
+from collector import (
+    __version__,
+    cli_bundle,
+    cli_explore,
+    cli_incidents,
+    cli_migration,
+    cli_report,
+    cli_rules,
+    cli_siem,
+    cli_tiers,
+    cli_trust,
+)
 from collector.config import DEFAULT_DB, DEFAULT_LISTEN, CollectorConfig, default_rules_dir
 from collector.errors import CollectorError
 from collector.migration import MigrationPolicy
@@ -105,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
             "serve --db /var/lib/zonewatch/collector.db --listen 0.0.0.0:7390",
             "serve --zones /etc/zonewatch/zones.yaml --rules /etc/zonewatch/rules",
             "serve --raw-hours 72 --minute-days 90 --hour-days 730",
+            "serve --metrics-listen 127.0.0.1:9390 --log-format json",
+            "serve --siem-syslog tls://siem.example.gov.cn:6514 --siem-ca /etc/zonewatch/siem-ca.pem",
             "serve --insecure --listen 127.0.0.1:7390 --db lab.db   # a lab: no TLS",
         ),
         formatter_class=clidoc.ExamplesHelpFormatter,
@@ -239,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"keep per-hour rollups this long (default {RetentionPolicy.hour_days})",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; port 0 picks a "
+        "free one, logged)",
+    )
+    logfmt.add_format_option(serve)
+    cli_tiers.serve_args(serve)
+    cli_siem.add_serve_args(serve)
 
     agents = sub.add_parser(
         "agents",
@@ -277,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     trust_handlers.update(cli_rules.add_parser(sub, _db_arg, _format_arg))
     trust_handlers.update(cli_report.add_parser(sub, _db_arg, _format_arg, _range_args))
     trust_handlers.update(cli_explore.add_parser(sub, _db_arg, _format_arg, _range_args))
+    trust_handlers.update(cli_bundle.add_parser(sub, _db_arg))
+    trust_handlers.update(cli_tiers.add_parser(sub, _db_arg, _format_arg, _range_args))
+    trust_handlers.update(cli_siem.add_parser(sub, _db_arg, _format_arg, _range_args))
     clidoc.add_parser(sub, PROG)
 
     bw = sub.add_parser(
@@ -523,6 +548,10 @@ def serve_config(args: argparse.Namespace) -> CollectorConfig:
         raise CollectorError(f"--rules {rules_dir}: no such directory")
     if args.sample_interval < 1:
         raise CollectorError(f"--sample-interval must be at least 1 second, got {args.sample_interval}")
+    if args.metrics_listen is not None:
+        from collector.metrics_http import split_address
+
+        split_address(args.metrics_listen)  # a malformed address stops us before anything starts
     for flag, value in (("--raw-hours", args.raw_hours), ("--minute-days", args.minute_days),
                         ("--hour-days", args.hour_days)):  # fmt: skip
         if value < 1:
@@ -546,6 +575,9 @@ def serve_config(args: argparse.Namespace) -> CollectorConfig:
         retention=RetentionPolicy(
             raw_hours=args.raw_hours, minute_days=args.minute_days, hour_days=args.hour_days
         ),
+        metrics_listen=args.metrics_listen,
+        siem=cli_siem.serve_config(args),
+        **cli_tiers.serve_fields(args),
     )
 
 
@@ -782,10 +814,11 @@ def cmd_zones(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    # Only serve offers --log-format; the other commands log (rarely) as text.
+    logfmt.configure(
+        getattr(args, "log_format", "text"),
+        verbose=getattr(args, "verbose", False),
+        journal_stream=os.environ.get("JOURNAL_STREAM"),
     )
     handlers = {
         "serve": cmd_serve,
@@ -803,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except CollectorError as exc:
-        print(f"zonewatch-collector: error: {exc}", file=sys.stderr)
+        logfmt.report_error(PROG, str(exc))
         return 2
     except KeyboardInterrupt:
         return 130

@@ -30,6 +30,20 @@ class RuleRow(NamedTuple):
     file: str
 
 
+class TieredRuleRow(NamedTuple):
+    """A rule on a lower tier: where it came from ("upstream" or "local") first."""
+
+    origin: str
+    id: str
+    name: str
+    title: str
+    level: str
+    kind: str
+    category: str
+    dedup_by: str
+    file: str
+
+
 def _examples(*lines: str) -> str:
     return "examples:\n" + "".join(f"  zonewatch-collector rules {line}\n" for line in lines)
 
@@ -70,10 +84,22 @@ def add_parser(
         help="the rules: id, name, title, level, kind, category, dedup-by, file",
         description="Load the rule directory and list its rules. Files that do not load are reported "
         "on stderr as file:line: message (exit 1).",
-        epilog=_examples("list", "list --rules /etc/zonewatch/rules --format json"),
+        epilog=_examples(
+            "list",
+            "list --rules /etc/zonewatch/rules --format json",
+            "list --upstream-state /var/lib/zonewatch/upstream   # a lower tier: upstream and local rules",
+        ),
         formatter_class=raw,
     )
     _rules_arg(listing)
+    listing.add_argument(
+        "--upstream-state",
+        type=Path,
+        metavar="DIR",
+        help="on a lower tier: its upstream state directory (default of serve: upstream/ beside the "
+        "database); lists the rules that came down too, with an origin column (upstream or local), "
+        "and the local rules refused for replacing an upstream one",
+    )
     format_arg(listing)
     validate = actions.add_parser(
         "validate",
@@ -138,11 +164,22 @@ def _list(args: argparse.Namespace) -> int:
     from collector.output import Column, render
     from collector.rules.load import load_rules
 
-    rules, errors = load_rules(args.rules)
-    rows = [
+    if args.upstream_state is not None:
+        from collector.tiers_policy import load_tiered_rules, policy_dir, upstream_rules_dir
+
+        upstream = upstream_rules_dir(policy_dir(args.upstream_state))
+        rules, errors = load_tiered_rules(args.rules, upstream)
+    else:
+        rules, errors = load_rules(args.rules)
+    rows: list[Any] = [
         RuleRow(r.id, r.name, r.title, r.level, r.kind, r.category, ", ".join(r.dedup_by), r.path.name)
         for r in rules
     ]
+    if args.upstream_state is not None:
+        rows = [
+            TieredRuleRow("upstream" if r.path.parent == upstream else "local", *row)
+            for row, r in zip(rows, rules, strict=True)
+        ]
     if args.format == "json":
         json.dump(
             [
@@ -155,7 +192,8 @@ def _list(args: argparse.Namespace) -> int:
         )
         sys.stdout.write("\n")
     else:
-        columns = [Column(name, name.replace("_", "-")) for name in RuleRow._fields]
+        shape = RuleRow if args.upstream_state is None else TieredRuleRow
+        columns = [Column(name, name.replace("_", "-")) for name in shape._fields]
         render(rows, args.format, columns, sys.stdout, empty_message=f"no rules in {args.rules}")
     _report(errors)
     return 1 if errors else 0

@@ -25,11 +25,12 @@ from typing import Any
 
 from collector.model import SAMPLE_COLUMNS, DetectionConfig, Settled, ValidBatch
 from collector.rules.engine import Engine, Match
-from collector.rules.load import Rule, load_rules
+from collector.rules.load import Rule
 from collector.store import detection as reads
 from collector.store.exceptions import ExceptionSet
 from collector.store.incidents import Raise, raise_incidents
 from collector.store.sql import transaction, translated
+from collector.tiers_policy import TierConflict, load_tiered_rules
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +101,23 @@ class Detector:
     def reload(self) -> tuple[int, list[str]]:
         """Load the rules again. A file that no longer loads keeps its previous version active; the
         errors are returned (``file:line: message``) for the caller to report."""
-        if not self.config.rules_dir:
+        if not self.config.rules_dir and not self.config.upstream_rules_dir:
             return 0, []
-        loaded, errors = load_rules(Path(self.config.rules_dir))
+        # On a lower tier: the upstream's rules, then the local ones that replace none of them.
+        loaded, errors = load_tiered_rules(
+            Path(self.config.rules_dir) if self.config.rules_dir else None,
+            Path(self.config.upstream_rules_dir) if self.config.upstream_rules_dir else None,
+        )
         rules = {str(r.path): r for r in loaded}
         ids, names = {r.id for r in loaded}, {r.name for r in loaded}
         for error in errors:
             previous = self._rules.get(str(error.path))
             # A file that no longer loads keeps its previous version, unless a loaded file now claims that
-            # rule's id or name (a copy renamed: load_rules refused the duplicate on purpose).
+            # rule's id or name (a copy renamed: load_rules refused the duplicate on purpose), or it is a
+            # local rule an upstream rule now overrides (TierConflict).
             if (
                 previous is not None
+                and not isinstance(error, TierConflict)
                 and str(error.path) not in rules
                 and previous.id not in ids
                 and previous.name not in names

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from collector.errors import CollectorError, StoreError
+from collector.metrics import Histogram, IngestMeter, WriterFigures
 from collector.migration import MigrationPolicy
 from collector.model import AgentHello, CatalogRow, DetectionConfig, HostLabels, Settled, ValidBatch
 from collector.store.enrollment import CertificateStatus, Enrolled, Revocation, TokenRefused
@@ -66,6 +67,7 @@ class Ingest:
         self._failed_at = 0.0
         self._retry_s = retry_s
         self.batches = self.facts = self.commits = self.rejected = 0
+        self.meter = IngestMeter()  # for /metrics (metrics.py): a few additions per batch
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,7 +103,10 @@ class Ingest:
         self._replies.append(reply)
         sent = loop.run_in_executor(self._send_thread, writer.send, request)
         try:
-            await sent
+            # Shielded: a caller cancelled before the send thread took the request (its RPC ended)
+            # must not withdraw it, or its reply slot stays queued and every later reply goes to the
+            # wrong caller.
+            await asyncio.shield(sent)
         except StoreError as exc:
             self._fail(exc)
             raise
@@ -173,10 +178,20 @@ class Ingest:
             raise failure
         future: asyncio.Future[Settled | Rejected] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(item, future))
+        self.meter.submitted(_facts(item))
         return future
 
     def stats(self) -> IngestStats:
         return IngestStats(self.batches, self.facts, self.commits, self.rejected)
+
+    async def writer_figures(self) -> WriterFigures:
+        """The writer process's own figures (rule evaluation time, incidents raised), for /metrics."""
+        rule_seconds, raised = await self._call(("metrics",))
+        return WriterFigures(Histogram.from_state(rule_seconds), int(raised))
+
+    @property
+    def writer_pid(self) -> int | None:
+        return None if self._writer is None else self._writer.pid
 
     async def close(self) -> None:
         """Commit everything already queued, then close the database."""
@@ -254,6 +269,8 @@ class Ingest:
 
     def _settle(self, group: list[_Pending], reply: asyncio.Future[Any]) -> None:
         self._in_flight.release()
+        if reply.cancelled() or reply.exception() is not None:
+            self.meter.dropped(sum(_facts(p.item) for p in group))
         if reply.cancelled():
             return
         exc = reply.exception()
@@ -268,7 +285,9 @@ class Ingest:
             self._fail(failure)
             return
         self.commits += 1
-        for pending, outcome in zip(group, WriterProcess.commit_result(reply.result()), strict=True):
+        outcomes = WriterProcess.commit_result(reply.result())
+        self.meter.settled([p.item for p in group], outcomes, time.time_ns() // 1_000_000)
+        for pending, outcome in zip(group, outcomes, strict=True):
             if isinstance(outcome, Rejected):
                 self.rejected += 1
             elif not outcome.duplicate:
@@ -282,6 +301,8 @@ class Ingest:
         self._failed_at = time.monotonic()
         while not self._queue.empty():
             pending = self._queue.get_nowait()
+            if pending is not None:
+                self.meter.dropped(_facts(pending.item))
             if pending is not None and not pending.future.done():
                 pending.future.set_exception(exc)
 

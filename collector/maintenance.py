@@ -143,15 +143,17 @@ class DetectionSchedule(_Periodic):
         *,
         interval_s: float,
         clock: Callable[[], int] = wall_clock_ms,
+        upstream_rules_dir: Path | None = None,
     ) -> None:
         super().__init__(ingest, interval_s, clock)
-        self._rules_dir = rules_dir
-        self._fingerprint = rules_fingerprint(rules_dir)
+        # A lower tier watches its copy of the upstream's rules too (tiers_policy.py).
+        self._rules_dirs = (rules_dir, upstream_rules_dir)
+        self._fingerprint = rules_fingerprint(*self._rules_dirs)
         self.reloads = 0
         self.last_errors: list[str] = []
 
     async def reload(self) -> tuple[int, list[str]]:
-        fingerprint = rules_fingerprint(self._rules_dir)
+        fingerprint = rules_fingerprint(*self._rules_dirs)
         count, errors = await self._ingest.reload_rules()
         self._fingerprint = fingerprint  # only now: a reload that failed is tried again next step
         self.reloads += 1
@@ -161,21 +163,24 @@ class DetectionSchedule(_Periodic):
         return count, errors
 
     async def _step(self) -> bool:
-        if rules_fingerprint(self._rules_dir) != self._fingerprint:
+        if rules_fingerprint(*self._rules_dirs) != self._fingerprint:
             await self.reload()
         await self._ingest.check_silence(self._clock())
         return False
 
 
-def rules_fingerprint(directory: Path | None) -> tuple[tuple[str, int, int], ...]:
+def rules_fingerprint(*directories: Path | None) -> tuple[tuple[str, int, int], ...]:
     """Name, size and mtime of every rule file: a change to any of them means a reload."""
-    if directory is None:
-        return ()
-    try:
-        entries = [e for e in os.scandir(directory) if e.name.endswith((".yml", ".yaml"))]
-        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
-    except OSError:
-        return ()
+    found: list[tuple[str, int, int]] = []
+    for directory in directories:
+        if directory is None:
+            continue
+        try:
+            entries = [e for e in os.scandir(directory) if e.name.endswith((".yml", ".yaml"))]
+            found.extend((e.path, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+        except OSError:
+            continue
+    return tuple(sorted(found))
 
 
 def report_rule_errors(errors: Sequence[str], before: Sequence[str] = ()) -> None:

@@ -186,6 +186,12 @@ class ValidBatch:
     # Access summaries and listener changes, for the rule engine; also kept verbatim in other_facts.
     access_rows: list[AccessRow] = field(default_factory=list)
     listener_rows: list[ListenerRow] = field(default_factory=list)
+    # Tier facts from a lower-tier collector, as plain tuples (store/tiers.py TierRow); also kept
+    # verbatim in other_facts. Stored only when the sender's role is "collector".
+    tier_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    # The role the sender's certificate was enrolled with (the servicer's admission), set only for a
+    # batch with tier rows; "" for a client without one (--insecure), whatever its hello claims.
+    sender_role: str = ""
 
     @property
     def sample_count(self) -> int:
@@ -226,19 +232,23 @@ class DetectionConfig:
     # role (or "*") -> zone names and kinds hosts of that role may reach; empty: everything but classified
     access: dict[str, tuple[str, ...]] = field(default_factory=dict)
     default_interval_s: float = 10.0
+    # A lower tier's copy of its upstream's rules (tiers_policy.py); "" on a top tier.
+    upstream_rules_dir: str = ""
 
     def encode(self) -> tuple[Any, ...]:
         zones = {name: (z.kind, z.direction, z.admin) for name, z in self.zones.items()}
-        return (self.rules_dir, zones, {k: tuple(v) for k, v in self.access.items()}, self.default_interval_s)
+        access = {k: tuple(v) for k, v in self.access.items()}
+        return (self.rules_dir, zones, access, self.default_interval_s, self.upstream_rules_dir)
 
     @classmethod
     def decode(cls, data: Sequence[Any]) -> DetectionConfig:
-        rules_dir, zones, access, interval = data
+        rules_dir, zones, access, interval, upstream_rules_dir = data
         return cls(
             rules_dir,
             {name: ZoneInfo(*z) for name, z in zones.items()},
             {k: tuple(v) for k, v in access.items()},
             interval,
+            upstream_rules_dir,
         )
 
     def allows(self, role: str, zone: str) -> bool:

@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -22,9 +23,14 @@ from collector.maintenance import (
     MigrationSchedule,
     report_rule_errors,
 )
+from collector.metrics import Sources
+from collector.metrics_http import MetricsServer
 from collector.model import DetectionConfig, ZoneInfo
 from collector.policy import PolicySource
 from collector.servicer import AgentService
+from collector.siem.exporter import SiemExport
+from collector.tiers_pack import RulePack
+from collector.tiers_policy import policy_dir, upstream_catalog_path, upstream_rules_dir
 from collector.trust import Trust
 
 log = logging.getLogger(__name__)
@@ -56,8 +62,12 @@ class Collector:
         self.migration = migration
         self.detection = detection
         self.rules_dir = rules_dir
+        self.upstream_dir: Path | None = None  # a lower tier's copy of its upstream's files (tiers_policy.py)
         self._stop_watching = asyncio.Event()
         self._revocations = asyncio.create_task(trust.watch_revocations(self._stop_watching))
+        self.metrics: MetricsServer | None = None  # serve --metrics-listen
+        self.forwarder: Any = None  # serve --upstream: upstream.forwarder.RunningForwarder
+        self.siem = SiemExport()  # serve --siem-syslog, --siem-jsonl: started by create_server
 
     async def store_catalog(self) -> None:
         """Record the catalog in force in the database, for queries and reports."""
@@ -76,16 +86,19 @@ class Collector:
         zones = (
             {} if catalog is None else {z.name: ZoneInfo(z.kind, z.direction, z.admin) for z in catalog.zones}
         )
+        upstream_rules = upstream_rules_dir(self.upstream_dir) if self.upstream_dir is not None else None
         config = DetectionConfig(
             str(self.rules_dir or ""),
             zones,
             {} if catalog is None else dict(catalog.access),
             float(self.policy.policy.sample_interval_s),
+            str(upstream_rules or ""),
         )
         count, errors = await self.ingest.configure_detection(config)
         report_rule_errors(errors)
-        if self.rules_dir is not None:
-            log.info("%d rules in force from %s", count, self.rules_dir)
+        if self.rules_dir is not None or upstream_rules is not None:
+            sources = " and ".join(str(d) for d in (upstream_rules, self.rules_dir) if d is not None)
+            log.info("%d rules in force from %s", count, sources)
 
     async def reload_zones(self, *, only_if_changed: bool) -> None:
         changed = self.policy.reload_if_changed() if only_if_changed else self.policy.reload()
@@ -110,6 +123,11 @@ class Collector:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking new streams, let in-flight batches commit, close the database."""
+        if self.forwarder is not None:
+            await self.forwarder.stop()  # first: it reads the database the writer is about to close
+        if self.metrics is not None:
+            await self.metrics.stop()
+        await self.siem.stop()
         await self.maintenance.stop()
         if self.detection is not None:
             await self.detection.stop()
@@ -129,7 +147,13 @@ async def create_server(config: CollectorConfig) -> Collector:
     grpc offers a server either "require and verify a client certificate" or "never ask for
     one", so enrollment, which has no certificate, needs a port of its own.
     """
-    policy = PolicySource(config.policy, config.zones_path)  # a bad catalog stops us before anything starts
+    upstream = config.upstream_dir  # a lower tier: the upstream's rules and zones come first
+    if upstream is None and config.upstream is not None:
+        upstream = policy_dir(config.upstream_state_path)  # where the forwarder stores them
+    policy = PolicySource(  # a bad catalog stops us before anything starts
+        config.policy, config.zones_path, upstream_catalog_path(upstream) if upstream is not None else None
+    )
+    upstream_rules = upstream_rules_dir(upstream) if upstream is not None else None
     authority = None if config.insecure else _load_pki(config)
     ingest = Ingest(config.db_path, max_group_facts=config.max_group_facts)
     await ingest.start()
@@ -157,6 +181,7 @@ async def create_server(config: CollectorConfig) -> Collector:
         agent_burst_facts=config.agent_burst_facts,
         max_streams=config.max_streams,
         hello_timeout_s=config.hello_timeout_s,
+        rule_pack=RulePack(config.rules_dir, upstream_rules),  # what lower tiers are sent
     )
     server.add_generic_rpc_handlers((service.handler(),))
     enroll_port = 0
@@ -182,15 +207,40 @@ async def create_server(config: CollectorConfig) -> Collector:
         budget_rows=config.maintenance_budget_rows,
     )
     migration = MigrationSchedule(ingest, config.migration, interval_s=config.migration_interval_s)
-    detection = DetectionSchedule(ingest, config.rules_dir, interval_s=config.detection_interval_s)
+    detection = DetectionSchedule(
+        ingest, config.rules_dir, interval_s=config.detection_interval_s, upstream_rules_dir=upstream_rules
+    )
     collector = Collector(
         server, port, ingest, policy, maintenance, trust, enroll_port, migration, detection, config.rules_dir
     )
+    collector.upstream_dir = upstream
+    if config.metrics_listen is not None:
+        collector.metrics = MetricsServer(Sources(ingest, service, config.db_path))
+        try:
+            metrics_port = await collector.metrics.start(config.metrics_listen)
+        except CollectorError:
+            await collector.stop(0)
+            raise
+        host = config.metrics_listen.rpartition(":")[0] or "0.0.0.0"
+        log.info("metrics at http://%s:%d/metrics", host, metrics_port)
     await collector.store_catalog()
     await collector.configure_detection()
     maintenance.start()
     migration.start()
     detection.start()
+    try:
+        collector.siem.start(config.db_path, config.siem)
+    except CollectorError:
+        await collector.stop(0)
+        raise
+    if config.upstream is not None:
+        from collector.upstream.forwarder import start_forwarder  # a lower tier only
+
+        try:
+            collector.forwarder = start_forwarder(collector, config)
+        except CollectorError:
+            await collector.stop(0)
+            raise
     return collector
 
 

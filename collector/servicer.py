@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from collector.model import Settled
 from collector.policy import AgentPolicy, PolicySource
 from collector.store.incidents import AGENT_CLONE, Raise
 from collector.store.writer import Rejected
+from collector.tiers_pack import COLLECTOR_ROLE, RulePack, catalog_yaml
 from collector.trust import Admission, Refusal, Trust, peer_host
 from collector.zones import ZoneCatalog
 from protos.zonewatch.v1 import agent_pb2
@@ -111,9 +113,14 @@ class AgentService:
         agent_burst_facts: float | None = None,
         max_streams: int = 20_000,
         hello_timeout_s: float = 30.0,
+        rule_pack: RulePack | None = None,
     ) -> None:
         self._ingest = ingest
         self._policy = policy
+        # Lower-tier collectors (role "collector") get the rule pack and catalog with the policy, under
+        # a version of their own that changes with the pack (tiers_pack.py).
+        self._rule_pack = rule_pack
+        self._tier_reply: tuple[str, bytes] = ("", b"")
         self._trust = trust or Trust(ingest, None)
         self._agent_rate = agent_facts_per_s
         self._agent_burst = agent_burst_facts if agent_burst_facts is not None else 10 * agent_facts_per_s
@@ -128,6 +135,11 @@ class AgentService:
         self._policy_reply: tuple[str, bytes] = ("", b"")
         self._clock_ms = clock_ms
         self._confirmed: dict[str, str] = {}
+
+    @property
+    def connected_agents(self) -> int:
+        """Agents with at least one Report stream open (for /metrics)."""
+        return len(self._streams)
 
     async def report(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         admission: Admission | None = None
@@ -187,7 +199,7 @@ class AgentService:
             agent_pb2.ReportResponse(
                 welcome=agent_pb2.Welcome(
                     acked_seq=acked,
-                    policy_version=self._policy.policy.version,
+                    policy_version=self._announced_version(admission),
                     server_time_ms=self._clock_ms(),
                 )
             )
@@ -196,8 +208,12 @@ class AgentService:
             MAX_IN_FLIGHT_PER_STREAM
         )
         await self._note_stream(hello.agent_id, peer, +1)
-        receiver = asyncio.create_task(self._receive(hello.agent_id, peer, replies, context))
-        sender = asyncio.create_task(self._send_replies(replies, context))
+        # Tier facts are taken only from a certificate enrolled as a collector (never from a hello's claim).
+        enrolled_role = admission.role if admission is not None else ""
+        receiver = asyncio.create_task(self._receive(hello.agent_id, peer, replies, context, enrolled_role))
+        sender = asyncio.create_task(
+            self._send_replies(replies, context, lambda: self._announced_version(admission))
+        )
         revoked = self._trust.watch(admission.serial) if admission else asyncio.Event()
         if admission is not None and await self._trust.revoked_since_admission(admission):
             revoked.set()  # revoked while we were registering it: the poller may have passed it by
@@ -237,6 +253,7 @@ class AgentService:
         peer: str,
         replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None],
         context: grpc.aio.ServicerContext,
+        enrolled_role: str = "",
     ) -> None:
         stream_last = 0
         limit = RateLimit(self._agent_rate, self._agent_burst, time.monotonic)
@@ -279,6 +296,8 @@ class AgentService:
             else:
                 try:
                     item = validate.batch(request.batch, agent_id, received)
+                    if item.tier_rows:
+                        item = dataclasses.replace(item, sender_role=enrolled_role)
                     stream_last = item.seq
                 except ValidationError as exc:
                     seq = request.batch.seq
@@ -305,6 +324,7 @@ class AgentService:
         self,
         replies: asyncio.Queue[asyncio.Future[Settled | Rejected] | None],
         context: grpc.aio.ServicerContext,
+        announced_version: Callable[[], str],
     ) -> bool:
         """Answer each batch in order; False as soon as storage fails (the stream must end)."""
         while (future := await replies.get()) is not None:
@@ -326,7 +346,7 @@ class AgentService:
                     ack=agent_pb2.Ack(
                         acked_seq=outcome.acked_seq,
                         duplicate=outcome.duplicate,
-                        policy_version=self._policy.policy.version,
+                        policy_version=announced_version(),
                     )
                 )
             try:
@@ -334,6 +354,17 @@ class AgentService:
             except Exception:  # the stream went away; the agent will resend what it missed
                 return True
         return True
+
+    def _is_tier(self, role: str) -> bool:
+        return role == COLLECTOR_ROLE and self._rule_pack is not None
+
+    def _announced_version(self, admission: Admission | None) -> str:
+        """The policy version a client is told in Welcome and Ack: a lower tier's includes the pack."""
+        version = self._policy.policy.version
+        if admission is not None and self._is_tier(admission.role):
+            assert self._rule_pack is not None
+            return self._rule_pack.version(version)
+        return version
 
     def _record(self, rejected: Rejected) -> None:
         with contextlib.suppress(CollectorError):
@@ -382,14 +413,18 @@ class AgentService:
             agent_id, current = validate.policy_request(request)
         except ValidationError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        role = ""
         if self._trust.secure:
             try:
                 admitted = await self._trust.admit(context.auth_context(), agent_id or None)
             except Refusal as refusal:
                 await self._refuse(context, refusal, agent_id, "admission", context.peer())
-            agent_id = admitted.agent_id
+            agent_id, role = admitted.agent_id, admitted.role
         policy = self._policy.policy
         version = policy.version
+        if self._is_tier(role):
+            assert self._rule_pack is not None
+            version = self._rule_pack.version(version)
         if current == version:
             # The agent confirms it runs this version: record it once, not on every poll.
             if agent_id and self._confirmed.get(agent_id) != version:
@@ -399,12 +434,27 @@ class AgentService:
                 except CollectorError as exc:
                     log.warning("cannot record policy version: %s", exc)
             return agent_pb2.GetPolicyResponse(version=version, unchanged=True).SerializeToString()
+        if self._is_tier(role):
+            return self._tier_policy_reply(version, policy)
         if self._policy_reply[0] != version:
             reply = agent_pb2.GetPolicyResponse(
                 version=version, policy=policy_message(policy, self._policy.catalog)
             )
             self._policy_reply = (version, reply.SerializeToString())
         return self._policy_reply[1]
+
+    def _tier_policy_reply(self, version: str, policy: AgentPolicy) -> bytes:
+        """The agents' policy plus the rule pack and catalog in force here, built once per version."""
+        if self._tier_reply[0] != version:
+            assert self._rule_pack is not None
+            catalog = self._policy.catalog
+            message = policy_message(policy, catalog)
+            for name, text in self._rule_pack.files:
+                message.rule_pack.add(name=name, text=text)
+            message.catalog_yaml = catalog_yaml(catalog) if catalog is not None else ""
+            reply = agent_pb2.GetPolicyResponse(version=version, policy=message)
+            self._tier_reply = (version, reply.SerializeToString())
+        return self._tier_reply[1]
 
     async def enroll(
         self, request: agent_pb2.EnrollRequest | Unparseable, context: grpc.aio.ServicerContext

@@ -53,6 +53,8 @@ class Refusal(CollectorError):
 class Admission(NamedTuple):
     agent_id: str
     serial: str
+    # The enrolled role label; "collector" is a lower tier, which gets the rule pack and catalog.
+    role: str = ""
 
 
 class TrustStats(NamedTuple):
@@ -218,7 +220,7 @@ class Trust:
             raise Refusal("PERMISSION_DENIED", "this certificate was not issued by this collector's records")
         if status.revoked:
             raise Refusal("PERMISSION_DENIED", f"the certificate of agent {identity.agent_id} is revoked")
-        return Admission(identity.agent_id, identity.serial)
+        return Admission(identity.agent_id, identity.serial, status.role)
 
     async def revoked_since_admission(self, admission: Admission) -> bool:
         """Looked up again once the stream is watched, so a revocation in between is not missed."""

@@ -31,6 +31,7 @@ from collector.model import (
     ValidBatch,
     ZoneTrafficRow,
 )
+from collector.upstream.wire import TIER_KINDS, tier_row
 from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
 INT64_MAX = 2**63 - 1
@@ -139,6 +140,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     inventory_rows: list[InventoryRow] = []
     access_rows: list[AccessRow] = []
     listener_rows: list[ListenerRow] = []
+    tier_rows: list[tuple[Any, ...]] = []
     # Every fact is an interface sample when every name is set: a fact of another
     # kind reads as an empty sample. So the common case needs no WhichOneof per fact.
     if min(map(len, names)) >= 1:
@@ -181,6 +183,11 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                 listener_rows.append(_listener(fact.listener_change, times[index], prefix))
                 others.append((times[index], kind, fact.SerializeToString()))
                 continue
+            if kind in TIER_KINDS:
+                # From a lower-tier collector; the writer refuses them from anyone else.
+                tier_rows.append(tier_row(fact, kind, f"batch.facts[{index}].{kind}", latest))
+                others.append((times[index], kind, fact.SerializeToString()))
+                continue
             if kind is None and not len(UnknownFieldSet(fact)):
                 raise ValidationError(f"batch.facts[{index}]", "has no fact kind set")
             # Kinds without a table yet, and kinds newer than this collector
@@ -202,6 +209,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
                 inventory_rows,
                 access_rows,
                 listener_rows,
+                tier_rows,
             )
     # One C-level pass per field; lists, not tuples: cheaper to build, and marshal takes both.
     columns: list[Any] = [names, *(list(map(getter, subs)) for getter in _FIELD_GETTERS)]
@@ -231,7 +239,7 @@ def batch(msg: agent_pb2.Batch, agent_id: str, received_ms: int) -> ValidBatch:
     columns.insert(0, sample_times)
     return ValidBatch(
         agent_id, msg.seq, msg.sent_ms, received_ms, first_ms, last_ms, columns, others, zone_rows, flow_rows,
-        health_rows, inventory_rows, access_rows, listener_rows,
+        health_rows, inventory_rows, access_rows, listener_rows, tier_rows,
     )  # fmt: skip
 
 

@@ -263,8 +263,11 @@ def parse_capacity(value: int | str) -> int:
     return bps
 
 
-def load_catalog(path: Path) -> ZoneCatalog:
-    """Read and check a zone catalog file (UTF-8 YAML); every problem is a CatalogError naming the line."""
+def load_catalog(path: Path, known_zones: Iterable[str] = ()) -> ZoneCatalog:
+    """Read and check a zone catalog file (UTF-8 YAML); every problem is a CatalogError naming the line.
+
+    ``known_zones``: zones defined elsewhere (a lower tier's upstream catalog) that ``access`` may name.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -276,12 +279,12 @@ def load_catalog(path: Path) -> ZoneCatalog:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise CatalogError(str(path), line, "the file is not UTF-8; save it as UTF-8") from None
-    return parse_catalog(text, str(path))
+    return parse_catalog(text, str(path), known_zones)
 
 
-def parse_catalog(text: str, path: str = "<string>") -> ZoneCatalog:
+def parse_catalog(text: str, path: str = "<string>", known_zones: Iterable[str] = ()) -> ZoneCatalog:
     """Parse and check a zone catalog given as YAML text; ``path`` only names it in errors."""
-    return _Parser(path).catalog(text)
+    return _Parser(path, known_zones).catalog(text)
 
 
 def _line(node: Node) -> int:
@@ -291,8 +294,9 @@ def _line(node: Node) -> int:
 class _Parser:
     """Walks the YAML node tree (not plain Python objects) so every error knows its line."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, known_zones: Iterable[str] = ()) -> None:
         self.path = path
+        self.known_zones = frozenset(known_zones)
 
     def fail(self, line: int | None, message: str) -> CatalogError:
         return CatalogError(self.path, line, message)
@@ -350,7 +354,7 @@ class _Parser:
             allowed = []
             for item in value.value:
                 target = self.text(item, f"a zone in access for role {role!r}")
-                if target not in names and target not in ZONE_KINDS:
+                if target not in names and target not in self.known_zones and target not in ZONE_KINDS:
                     raise self.fail(
                         _line(item),
                         f"{target!r} in access for role {role!r} is neither a zone of this catalog nor a "

@@ -97,13 +97,16 @@ _ATT, _HALF, _RST, _ICMP, _PORTS, _FIRST, _HOSTS, _BIN, _BOUT, _LOCAL = range(10
 
 
 class AccessTable:
+    MAX_PEERS = 4096
+    MAX_PENDING = 65_536
+
     def __init__(
         self,
         zones: ZoneMap,
         admin_ports: Mapping[int, str],
         *,
-        max_peers: int = 4096,
-        max_pending: int = 65_536,
+        max_peers: int = MAX_PEERS,
+        max_pending: int = MAX_PENDING,
         handshake_timeout_s: float = 1.0,
         max_ports: int = 64,
         start_ns: int | None = None,
@@ -150,6 +153,11 @@ class AccessTable:
             # discovery at work, routine traffic from routers, not a refusal.
             elif (p.proto == ICMP and p.sport == 3 and p.dport != 4) or (p.proto == ICMPV6 and p.sport == 1):
                 self._icmp_unreachable(p, peer)
+
+    def set_limits(self, max_peers: int, max_pending: int) -> None:
+        """New bounds (the agent's RSS budget): new peers beyond max_peers fold from now on, and
+        handshakes beyond max_pending are counted half-open at once, as when the table is full."""
+        self._max_peers, self._max_pending = max(1, max_peers), max(1, max_pending)
 
     def set_zones(self, zones: ZoneMap) -> None:
         """A new catalog: zones of this window's records are looked up in it when they are reported."""

@@ -14,11 +14,11 @@ every open flow when the catalog changes. Those tallies count what the capture *
 under sampling each summary also adds its weight to ``estimated_packets``, so the ratio
 seen/estimated is the fraction of packets seen, which the collector scales back up by.
 
-Attribution reads the socket table (psutil.net_connections, about 9 ms a call here) at most
-once per reporting interval, when flows are being closed, and maps the local address and
-port to the owning process; a listening socket answers for the connections it accepted
-whose own entry is gone. A flow whose socket closed before the interval ended (a short
-connection) stays unattributed rather than guessed.
+Attribution reads the socket table (agent.sensors.sockets: this namespace's tables, and
+/proc/[pid]/fd only for sockets not seen before) at most once per reporting interval, when flows
+are being closed, and maps the local address and port to the owning process; a listening socket
+answers for the connections it accepted whose own entry is gone. A flow whose socket closed before
+the interval ended (a short connection) stays unattributed rather than guessed.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Protocol
 import psutil
 
 from agent.sensors.accounting import ZoneCounters
+from agent.sensors.sockets import SocketTable
 from agent.zonemap import ZoneMap
 
 TCP, UDP = 6, 17
@@ -105,6 +106,8 @@ _T_BIN, _T_BOUT, _T_PIN, _T_POUT, _T_EST = range(5)
 
 
 class FlowTable:
+    MAX_FLOWS = 65_536
+
     def __init__(
         self,
         zones: ZoneMap,
@@ -112,7 +115,7 @@ class FlowTable:
         *,
         idle_timeout_s: float = 30.0,
         active_timeout_s: float = 120.0,
-        max_flows: int = 65_536,
+        max_flows: int = MAX_FLOWS,
     ) -> None:
         self.zones = zones
         self.interface = interface
@@ -197,6 +200,12 @@ class FlowTable:
     def stats(self) -> FlowStats:
         return FlowStats(len(self._flows), self._closed, self._evicted)
 
+    def set_max_flows(self, max_flows: int) -> None:
+        """A new bound, applied now: the oldest flows beyond it are closed early (reported, as evicted)."""
+        self._max = max(1, max_flows)
+        while len(self._flows) > self._max:
+            self._evict_one()
+
     def _evict_one(self) -> None:
         # The oldest flow by creation (the dict's first key), in O(1): a scan or flood beyond the bound
         # must not cost a pass over every open flow per packet. Long-lived flows are reported as
@@ -232,19 +241,24 @@ class SocketOwners:
 
     def __init__(
         self,
-        connections: Callable[[], list[Any]] = lambda: psutil.net_connections(kind="inet"),
+        connections: Callable[[], list[Any]] | None = None,
         describe: Callable[[int], ProcessRef | None] | None = None,
         monotonic: Callable[[], float] | None = None,
         min_interval_s: float = 5.0,
     ) -> None:
         import time
 
-        self._connections = connections
+        # Not psutil.net_connections: it maps every socket of every process on the host first, and
+        # the agent's RSS kept megabytes of that (agent.sensors.sockets).
+        self._connections = connections or SocketTable()
         self._describe = describe or describe_process
         self._monotonic = monotonic or time.monotonic
         self._min_interval = min_interval_s
         self._read_at: float | None = None
         self._by_socket: dict[tuple[int, str, int], int] = {}
+        # Connected sockets by both ends too: Linux lets connect() reuse a local port towards another
+        # peer, so on a busy host the local end alone can name two processes' sockets.
+        self._by_peer: dict[tuple[int, str, int, str, int], int] = {}
         self._by_listener: dict[tuple[int, int], int] = {}
         self._processes: dict[int, ProcessRef | None] = {}
         self.reads = 0
@@ -257,18 +271,25 @@ class SocketOwners:
         self.reads += 1
         by_socket: dict[tuple[int, str, int], int] = {}
         by_listener: dict[tuple[int, int], int] = {}
+        by_peer: dict[tuple[int, str, int, str, int], int] = {}
         for c in self._connections():
             if not c.pid or not c.laddr:
                 continue
             proto = TCP if c.type == 1 else UDP  # socket.SOCK_STREAM == 1
             by_socket[(proto, _normal(c.laddr.ip), c.laddr.port)] = c.pid
+            if c.raddr:
+                by_peer[(proto, _normal(c.laddr.ip), c.laddr.port, _normal(c.raddr.ip), c.raddr.port)] = c.pid
             if c.status == psutil.CONN_LISTEN or (proto == UDP and not c.raddr):
                 by_listener[(proto, c.laddr.port)] = c.pid
-        self._by_socket, self._by_listener = by_socket, by_listener
-        self._processes = {pid: ref for pid, ref in self._processes.items() if pid in by_socket.values()}
+        self._by_socket, self._by_listener, self._by_peer = by_socket, by_listener, by_peer
+        live = set(by_socket.values())
+        self._processes = {pid: ref for pid, ref in self._processes.items() if pid in live}
 
     def owner(self, flow: FlowRecord) -> ProcessRef | None:
-        pid = self._by_socket.get((flow.ip_protocol, _normal(flow.local_addr), flow.local_port))
+        local = (flow.ip_protocol, _normal(flow.local_addr), flow.local_port)
+        pid = self._by_peer.get((*local, _normal(flow.remote_addr), flow.remote_port))
+        if pid is None:
+            pid = self._by_socket.get(local)
         if pid is None and not flow.initiated_locally:
             pid = self._by_listener.get((flow.ip_protocol, flow.local_port))
         if pid is None:

@@ -61,6 +61,12 @@ class FlowMonitor:
         self._failed: set[str] = set()
         self._thread = threading.Thread(target=self._drain, name="zonewatch-capture", daemon=True)
         self._started = False
+        # close() while the thread still reads a ring (join timed out) leaves the engines to the thread:
+        # unmapping a ring under a reader raises BufferError, which would escape into the agent's tick.
+        self._drained = False
+        self._close_on_exit = False
+        self._min_sampling = 1  # the agent's CPU budget may ask for 1 in N at least (agent.selfwatch)
+        self._table_divisor = 1  # and its RSS budget for smaller tables
         self.watch(interfaces)
 
     def watch(self, interfaces: Sequence[str]) -> None:
@@ -94,13 +100,18 @@ class FlowMonitor:
                 with self._lock:
                     self.problems[name] = str(exc)
                 continue
+            _set_floor(engine, self._min_sampling)
             with self._lock:
                 self.problems.pop(name, None)
                 self.engines[name] = engine
                 if name not in self.tables:
                     idle, active = self._timeouts
                     self.tables[name] = FlowTable(
-                        self._zones, name, idle_timeout_s=idle, active_timeout_s=active
+                        self._zones,
+                        name,
+                        idle_timeout_s=idle,
+                        active_timeout_s=active,
+                        max_flows=FlowTable.MAX_FLOWS // self._table_divisor,
                     )
             log.info("capturing on %s", name)
         if self.engines and not self._started:
@@ -108,6 +119,15 @@ class FlowMonitor:
             self._thread.start()
 
     def _drain(self) -> None:
+        try:
+            self._drain_until_stopped()
+        finally:
+            with self._lock:
+                self._drained, close = True, self._close_on_exit
+            if close:
+                self._close_engines()
+
+    def _drain_until_stopped(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 by_fd = {e.fileno(): (n, e) for n, e in self.engines.items() if n not in self._failed}
@@ -155,6 +175,42 @@ class FlowMonitor:
             engines = list(self.engines.values())
         stats = [e.stats() for e in engines]
         return sum(s.received for s in stats), sum(s.dropped for s in stats)
+
+    @property
+    def thread_id(self) -> int | None:
+        """The reading thread's native id (None until it runs): the agent's budget reads its CPU."""
+        return self._thread.native_id
+
+    def set_min_sampling(self, rate: int) -> None:
+        """Summarize at most 1 packet in ``rate`` from the next sampling window on (the agent's CPU
+        budget); every packet is still counted, and summaries carry their rate for scaling."""
+        with self._lock:
+            self._min_sampling = rate
+            engines = list(self.engines.values())
+        for engine in engines:
+            _set_floor(engine, rate)
+
+    def limit_tables(self, divisor: int) -> None:
+        """Track at most 1/``divisor`` of the flows, peers and handshakes the tables hold by default
+        (the agent's RSS budget); flows beyond the bound are closed early and reported."""
+        with self._lock:
+            self._table_divisor = divisor
+            for table in self.tables.values():
+                table.set_max_flows(FlowTable.MAX_FLOWS // divisor)
+            if self.access is not None:
+                self.access.set_limits(AccessTable.MAX_PEERS // divisor, AccessTable.MAX_PENDING // divisor)
+
+    def memory_bytes(self) -> int:
+        """About what the capture holds: its rings and ~500 bytes a tracked flow (the RSS budget's guess
+        of what turning it off would free)."""
+        with self._lock:
+            rings = sum(getattr(e, "ring_bytes", 0) for e in self.engines.values())
+        return rings + self.table_bytes()
+
+    def table_bytes(self) -> int:
+        """About what the flow tables hold (~500 bytes a tracked flow): what shrinking them can free."""
+        with self._lock:
+            return sum(t.stats().active for t in self.tables.values()) * 500
 
     def sampling(self) -> int:
         """The highest sampling rate N (1 in N) any engine runs at now; 1 when all see everything."""
@@ -211,9 +267,25 @@ class FlowMonitor:
         if self._thread.is_alive():
             self._thread.join(2.0)
         remaining = self.collect(flush=True)
+        with self._lock:
+            running = self._started and not self._drained
+            self._close_on_exit = running
+        if running:
+            log.warning("capture thread still reading after 2 s: it closes the engines when it ends")
+        else:
+            self._close_engines()
+        return remaining
+
+    def _close_engines(self) -> None:
         for engine in list(self.engines.values()):
             try:
                 engine.close()
-            except SensorError as exc:
+            except Exception as exc:  # closing must never take the agent down
                 log.warning("closing capture: %s", exc)
-        return remaining
+
+
+def _set_floor(engine: capture.CaptureEngine, rate: int) -> None:
+    # An engine without a sampling policy (a stand-in that reads no ring) has nothing to sample.
+    policy = getattr(engine, "policy", None)
+    if policy is not None:
+        policy.min_rate = rate

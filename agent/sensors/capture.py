@@ -176,11 +176,17 @@ class SamplingPolicy:
         self.window_ns = window_ns
         self.quiet_windows = quiet_windows
         self.rate = min(max(1, rate), max_rate)
+        # A floor set from outside (the agent's own CPU budget, agent.selfwatch): the rate never goes
+        # below it, whatever this policy would choose. Read once a window, so set from any thread.
+        self.min_rate = 1
         self._last: tuple[int, int, int] | None = None  # (now_ns, dropped, cpu_ns) at the last update
         self._quiet = 0
 
     def update(self, now_ns: int, dropped: int, cpu_ns: int) -> int:
-        """The rate for the next window, given the totals at the end of this one."""
+        """The rate for the next window, given the totals at the end of this one (never below min_rate)."""
+        return max(self._update(now_ns, dropped, cpu_ns), min(self.min_rate, self.max_rate))
+
+    def _update(self, now_ns: int, dropped: int, cpu_ns: int) -> int:
         last, self._last = self._last, (now_ns, dropped, cpu_ns)
         if last is None or now_ns <= last[0]:
             return self.rate
@@ -421,6 +427,7 @@ class CaptureEngine:
         self.interface = interface
         self.policy = policy or SamplingPolicy()
         self._block_size, self._block_count = block_size, block_count
+        self.ring_bytes = block_size * block_count  # mapped into the process: part of its RSS
         self._monotonic_ns, self._cpu_time_ns = monotonic_ns, cpu_time_ns
         self._sock = _packet_socket(interface)
         try:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from collector.errors import CollectorError, QueryError, StoreError
 from collector.model import HostLabels
 from collector.store.sql import transaction, translated
+from collector.store.tiers import COLLECTOR_ROLE as TIER_ROLE
 
 _INSERT_CERTIFICATE = (
     "INSERT INTO certificates (serial, agent, agent_id, issued_ms, not_after_ms) VALUES (?, ?, ?, ?, ?)"
@@ -53,6 +54,8 @@ class Enrolled(NamedTuple):
 class CertificateStatus(NamedTuple):
     agent_id: str
     revoked: bool
+    # The role label the agent enrolled with: "collector" for a lower tier (collector/tiers_policy.py).
+    role: str = ""
 
 
 class Revocation(NamedTuple):
@@ -172,12 +175,26 @@ def redeem(
             if row is None:
                 raise TokenRefused("the agent this token was to replace no longer exists")
             replaced = row[1]
+        # A lower tier's rows upstream are filed under its name: it is fixed at enrollment (a hello
+        # renames nothing) and no second collector may take a name already in use.
+        tier = labels.role == TIER_ROLE
+        if tier:
+            taken = db.execute(
+                "SELECT agent_id FROM agents WHERE hostname = ? AND role = ? AND revoked_ms IS NULL"
+                " AND id != ?",
+                (hostname, TIER_ROLE, row[0] if row is not None else -1),
+            ).fetchone()
+            if taken is not None:
+                raise TokenRefused(
+                    f"a collector named {hostname!r} is already enrolled (agent {taken[0][:12]}): enroll"
+                    " this tier with another --name, or revoke the other one first"
+                )
         if row is None:
             cursor = db.execute(
                 "INSERT INTO agents (agent_id, hostname, agent_version, department, county, site, role,"
-                " first_seen_ms, last_seen_ms, machine_id, enrolled_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (agent_id, hostname, agent_version, *labels, now_ms, now_ms, machine_id, now_ms),
+                " first_seen_ms, last_seen_ms, machine_id, enrolled_ms, name_locked)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (agent_id, hostname, agent_version, *labels, now_ms, now_ms, machine_id, now_ms, int(tier)),
             )
             key = int(cursor.lastrowid or 0)
         else:
@@ -186,10 +203,11 @@ def redeem(
                 "UPDATE agents SET agent_id = ?, agent_version = ?, department = ?, county = ?, site = ?,"
                 " role = ?, machine_id = ?, enrolled_ms = ?, revoked_ms = NULL,"
                 " hostname = CASE WHEN name_locked THEN hostname ELSE ? END,"
+                " name_locked = max(name_locked, ?),"
                 # A new key is a new agent: its spool, and so its sequence, start afresh.
                 " last_seq = CASE WHEN agent_id = ? THEN last_seq ELSE 0 END"
                 " WHERE id = ?",
-                (agent_id, agent_version, *labels, machine_id, now_ms, hostname, agent_id, key),
+                (agent_id, agent_version, *labels, machine_id, now_ms, hostname, int(tier), agent_id, key),
             )
             if replaced:
                 _revoke_certificates(db, key, now_ms, f"host re-enrolled as {agent_id}")
@@ -221,11 +239,13 @@ def certificate_status(db: sqlite3.Connection, serial: str) -> CertificateStatus
     """The agent a certificate was issued to and whether it is revoked; None when never issued here."""
     try:
         row = db.execute(
-            "SELECT agent_id, revoked_ms FROM certificates WHERE serial = ?", (serial,)
+            "SELECT c.agent_id, c.revoked_ms, COALESCE(a.role, '') FROM certificates c"
+            " LEFT JOIN agents a ON a.id = c.agent WHERE c.serial = ?",
+            (serial,),
         ).fetchone()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot look up certificate {serial}: {exc}") from exc
-    return None if row is None else CertificateStatus(row[0], row[1] is not None)
+    return None if row is None else CertificateStatus(row[0], row[1] is not None, row[2])
 
 
 def revocations_since(db: sqlite3.Connection, after_id: int) -> list[Revocation]:

@@ -25,8 +25,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from agent import logfmt
 from collector.detection import Detector
 from collector.errors import CollectorError, StoreError
+from collector.metrics import RULE_BUCKETS, Histogram
 from collector.migration import MigrationPolicy
 from collector.model import (
     AccessRow,
@@ -90,8 +92,10 @@ def _decode_outcome(data: tuple[Any, ...]) -> Settled | Rejected:
     return Settled(*data[1:]) if data[0] == "S" else Rejected(*data[1:])
 
 
-def _serve(conn: Connection, db_path: str) -> None:
+def _serve(conn: Connection, db_path: str, log_settings: dict[str, Any] | None = None) -> None:
     """The child's main loop: one request, one reply, until close or EOF."""
+    if log_settings is not None:
+        logfmt.configure(**log_settings)
 
     def reply(status: str, value: Any) -> None:
         conn.send_bytes(marshal.dumps((status, value)))
@@ -107,6 +111,7 @@ def _serve(conn: Connection, db_path: str) -> None:
         reply("err", str(exc))
         return
     reply("ok", None)
+    rule_seconds = Histogram(RULE_BUCKETS)  # per group commit judged
     try:
         while True:
             try:
@@ -123,7 +128,9 @@ def _serve(conn: Connection, db_path: str) -> None:
                         raise
                     reply("ok", [_encode_outcome(o) for o in outcomes])
                     # After the reply: acks never wait for the rules, which judge what was stored.
+                    started = time.perf_counter()
                     _detect(detector.observe, items, outcomes, writer.agent_key)
+                    rule_seconds.observe(time.perf_counter() - started)
                 elif op == "register":
                     fields, now_ms, enrolled = args
                     hello = AgentHello(
@@ -182,6 +189,8 @@ def _serve(conn: Connection, db_path: str) -> None:
                     now_ms, budget_rows, policy = args
                     report = Maintenance(db, RetentionPolicy(*policy)).run_step(now_ms, budget_rows)
                     reply("ok", tuple(report))
+                elif op == "metrics":  # for /metrics (collector/metrics.py)
+                    reply("ok", (rule_seconds.state(), detector.raised))
                 elif op == "close":
                     reply("ok", None)
                     return
@@ -225,7 +234,10 @@ class WriterProcess:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(
-            target=_serve, args=(child, str(db_path)), name="zonewatch-writer", daemon=True
+            target=_serve,
+            args=(child, str(db_path), logfmt.current()),  # its warnings: same stderr, same format
+            name="zonewatch-writer",
+            daemon=True,
         )
         self._process.start()
         child.close()
@@ -234,6 +246,10 @@ class WriterProcess:
     @property
     def alive(self) -> bool:
         return self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def _died(self, exc: BaseException) -> StoreError:
         self._process.join(1.0)

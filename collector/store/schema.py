@@ -538,6 +538,173 @@ CREATE TABLE rule_exceptions (
 CREATE INDEX rule_exceptions_in_force ON rule_exceptions (expires_ms) WHERE removed_ms IS NULL;
 """
 
+TIERS = """
+-- Tiers (store/tiers.py, collector/upstream/). A change counter for the forwarder: every insert or
+-- change of an incident, a migration state or a tier row takes the counter's next value into its
+-- tier_seq, so "what changed since the cursor" is one indexed range, whatever clock the rows carry.
+CREATE TABLE tier_counter (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+ALTER TABLE incidents ADD COLUMN tier_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE migration_states ADD COLUMN tier_seq INTEGER NOT NULL DEFAULT 0;
+UPDATE incidents SET tier_seq = id;
+UPDATE migration_states SET tier_seq = coalesce((SELECT max(id) FROM incidents), 0) + (
+    SELECT n FROM (SELECT agent, network, row_number() OVER (ORDER BY agent, network) AS n
+                   FROM migration_states) AS r
+    WHERE r.agent = migration_states.agent AND r.network = migration_states.network);
+INSERT INTO tier_counter VALUES (1, coalesce((SELECT max(tier_seq) FROM migration_states), 0)
+    + coalesce((SELECT max(id) FROM incidents), 0));
+CREATE INDEX incidents_by_tier_seq ON incidents (tier_seq);
+CREATE INDEX migration_states_by_tier_seq ON migration_states (tier_seq);
+-- What lower tiers sent (a county to its city, the city on to the province). tier: the sender's
+-- enrolled name, then "/" and the origin below it when it relays; with the origin's id, the key.
+CREATE TABLE tier_incidents (
+    tier TEXT NOT NULL,
+    incident_id INTEGER NOT NULL,
+    sender INTEGER NOT NULL,
+    rule_id TEXT NOT NULL,
+    title TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    department TEXT NOT NULL,
+    county TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    tier_seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tier, incident_id)
+);
+CREATE INDEX tier_incidents_by_tier_seq ON tier_incidents (tier_seq);
+CREATE TABLE tier_migrations (
+    tier TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    network TEXT NOT NULL,
+    sender INTEGER NOT NULL,
+    hostname TEXT NOT NULL,
+    department TEXT NOT NULL,
+    county TEXT NOT NULL,
+    state TEXT NOT NULL,
+    since_ms INTEGER NOT NULL,
+    blocker TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    tier_seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tier, agent_id, network)
+);
+CREATE INDEX tier_migrations_by_tier_seq ON tier_migrations (tier_seq);
+CREATE TABLE tier_rollups (
+    tier TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    hour_ms INTEGER NOT NULL,
+    sender INTEGER NOT NULL,
+    direction TEXT NOT NULL,
+    rx_bytes INTEGER NOT NULL,
+    tx_bytes INTEGER NOT NULL,
+    peak_bps INTEGER NOT NULL,
+    capacity_bps INTEGER NOT NULL,
+    hosts INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    tier_seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tier, zone, hour_ms)
+);
+CREATE INDEX tier_rollups_by_tier_seq ON tier_rollups (tier_seq);
+CREATE INDEX tier_rollups_by_hour ON tier_rollups (hour_ms);
+""" + "".join(
+    # Only an update of the columns upstream sees counts (not the trigger's own, nor another
+    # feature's bookkeeping columns).
+    f"""
+CREATE TRIGGER {table}_tier_insert AFTER INSERT ON {table}
+BEGIN
+    UPDATE tier_counter SET value = value + 1;
+    UPDATE {table} SET tier_seq = (SELECT value FROM tier_counter) WHERE {key};
+END;
+CREATE TRIGGER {table}_tier_update AFTER UPDATE OF {columns} ON {table}{when}
+BEGIN
+    UPDATE tier_counter SET value = value + 1;
+    UPDATE {table} SET tier_seq = (SELECT value FROM tier_counter) WHERE {key};
+END;
+"""
+    for table, key, columns, when in (
+        ("incidents", "id = NEW.id", "status, count, severity, title, last_seen_ms, updated_ms", ""),
+        # Only a new state counts: re-evaluating a host every few seconds is no news upstream.
+        (
+            "migration_states",
+            "agent = NEW.agent AND network = NEW.network",
+            "state, since_ms",
+            " WHEN NEW.state IS NOT OLD.state OR NEW.since_ms IS NOT OLD.since_ms",
+        ),
+        (
+            "tier_incidents",
+            "tier = NEW.tier AND incident_id = NEW.incident_id",
+            "status, count, severity, title, last_seen_ms, updated_ms, received_ms",
+            "",
+        ),
+        (
+            "tier_migrations",
+            "tier = NEW.tier AND agent_id = NEW.agent_id AND network = NEW.network",
+            "state, since_ms, blocker, updated_ms, received_ms",
+            "",
+        ),
+        (
+            "tier_rollups",
+            "tier = NEW.tier AND zone = NEW.zone AND hour_ms = NEW.hour_ms",
+            "rx_bytes, tx_bytes, peak_bps, capacity_bps, hosts, received_ms",
+            "",
+        ),
+    )
+)
+
+SIEM = """
+-- SIEM export (collector/siem/, store/export.py). Every change of an incident takes the next
+-- change_seq: raised (an insert), matched again (count), an operator's action (a row of
+-- incident_actions, whose action `change` names). SQLite commits one write transaction at a time,
+-- so the numbers grow in commit order and an exporter's cursor (the last change_seq delivered)
+-- misses nothing, whatever clock updated_ms came from. Changes between two exports are delivered
+-- once, as the incident's latest state.
+ALTER TABLE incidents ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE incidents ADD COLUMN change TEXT NOT NULL DEFAULT 'raised';
+UPDATE incidents SET change_seq = id, change = coalesce(
+    (SELECT a.action FROM incident_actions AS a WHERE a.incident = incidents.id ORDER BY a.id DESC LIMIT 1),
+    CASE WHEN count > 1 THEN 'matched' ELSE 'raised' END);
+CREATE INDEX incidents_by_change ON incidents (change_seq);
+CREATE TRIGGER incidents_siem_raised AFTER INSERT ON incidents
+BEGIN
+    UPDATE incidents SET change_seq = (SELECT max(change_seq) FROM incidents) + 1, change = 'raised'
+    WHERE id = NEW.id;
+END;
+CREATE TRIGGER incidents_siem_matched AFTER UPDATE OF count ON incidents WHEN NEW.count != OLD.count
+BEGIN
+    UPDATE incidents SET change_seq = (SELECT max(change_seq) FROM incidents) + 1, change = 'matched'
+    WHERE id = NEW.id;
+END;
+CREATE TRIGGER incidents_siem_action AFTER INSERT ON incident_actions
+BEGIN
+    UPDATE incidents SET change_seq = (SELECT max(change_seq) FROM incidents) + 1, change = NEW.action
+    WHERE id = NEW.incident;
+END;
+-- One row per export destination (serve --siem-syslog, --siem-jsonl): every change up to change_seq
+-- was delivered (acknowledged by the receiver's TCP, or written and fsynced). Written by the
+-- exporter only after delivery, so a restart resends from here: duplicates possible, loss not.
+CREATE TABLE siem_cursors (
+    destination TEXT PRIMARY KEY,
+    change_seq INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    last_delivery_ms INTEGER,
+    last_error TEXT NOT NULL DEFAULT '',
+    last_error_ms INTEGER,
+    created_ms INTEGER NOT NULL
+);
+"""
+
+FLEET_SCALE = """
+-- A host's last decided state towards a network (store/migration.py, for a host back from unknown
+-- or exempt) scanned every transition: 1-10 ms a host at 5,000 hosts (bench/fleet.py).
+CREATE INDEX migration_transitions_by_pair ON migration_transitions (agent, network, id);
+"""
+
 # (name, SQL script). Append only: a step, once released, is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial schema: agents, batches, interface samples, rejections, gaps", INITIAL),
@@ -550,6 +717,9 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("host inventory: addresses, routes, resolvers, OS, and their history", INVENTORY),
     ("dedicated-network migration: states, transitions, exemptions", MIGRATION),
     ("detection: incident lifecycle, audit chain, rule exceptions", DETECTION),
+    ("tiers: change counter for the forwarder, what lower tiers sent", TIERS),
+    ("SIEM export: incident change sequence, delivery cursors", SIEM),
+    ("fleet scale: migration transitions by host and network", FLEET_SCALE),
 ]
 
 

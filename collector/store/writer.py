@@ -27,6 +27,7 @@ from typing import NamedTuple
 from collector.errors import StoreError
 from collector.model import AgentHello, CatalogRow, FlowRow, InventoryRow, Settled, ValidBatch
 from collector.store.incidents import AGENT_CLONE, SEQUENCE_GAP, Raise, raise_incidents
+from collector.store.tiers import COLLECTOR_ROLE, sender_of, store_tier_rows
 
 
 class Rejected(NamedTuple):
@@ -191,6 +192,7 @@ class Writer:
         gaps: list[tuple[int, int, int, int]] = []
         refused: list[Rejected] = []
         raised: list[Raise] = []
+        tiers: list[tuple[int, str, list[tuple[object, ...]], int]] = []  # (sender key, name, rows, received)
         settled_now: set[tuple[str, int]] = set()
         series = self._series
         new_series: dict[tuple[int, str], int] = {}
@@ -253,6 +255,21 @@ class Writer:
                         )
                     )  # fmt: skip
                 continue
+            if item.tier_rows:
+                name, role = sender_of(self._db, state.key)
+                # item.sender_role is what the certificate was enrolled with; agents.role of a client
+                # without one (--insecure) is only what its hello claimed.
+                if role != COLLECTOR_ROLE or item.sender_role != COLLECTOR_ROLE:
+                    shown = repr(item.sender_role) if item.sender_role else "none (not enrolled)"
+                    refusal = Rejected(
+                        item.agent_id, seq, item.received_ms, "PERMISSION_DENIED", "batch.facts",
+                        f"tier facts come only from a collector enrolled with the role {COLLECTOR_ROLE!r};"
+                        f" this client's enrolled role is {shown}", "",
+                    )  # fmt: skip
+                    refused.append(refusal)
+                    outcomes.append(refusal)
+                    continue
+                tiers.append((state.key, name, item.tier_rows, item.received_ms))
             gap_from, gap_to = (last + 1, seq - 1) if seq > last + 1 else (0, 0)
             if gap_from:
                 gaps.append((state.key, gap_from, gap_to, item.received_ms))
@@ -317,6 +334,8 @@ class Writer:
                     db.executemany(_INSERT_FLOWS, flow_rows)
                 for key, fact in inventory:
                     _apply_inventory(db, key, fact)
+                for sender, name, rows, received in tiers:
+                    store_tier_rows(db, sender, name, rows, received)
                 if health:
                     db.executemany(
                         "UPDATE agents SET health_ms = ?, cpu_percent = ?, rss_bytes = ?, spool_bytes = ?,"

@@ -94,8 +94,13 @@ def one_line_error(code: int, err: str) -> str:
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("zonewatch-agent: error: ")
-    return lines[0]
+    line = lines[0]
+    if line.startswith("{"):  # stderr is not a terminal: the error is a JSON log event (agent/logfmt.py)
+        event = json.loads(line)
+        assert event["level"] == "error" and event["exit_status"] == 2, line
+        line = f"zonewatch-agent: error: {event['msg']}"
+    assert line.startswith("zonewatch-agent: error: ")
+    return line
 
 
 def mode(path: Path) -> int:
@@ -364,3 +369,32 @@ def test_status_of_an_agent_that_ran_insecure(capsys: pytest.CaptureFixture[str]
     assert code == 1
     assert "enrolled        no: not enrolled" in out
     assert "lab-agent-0001 (the random id of an earlier insecure run)" in out
+
+
+def test_the_token_can_come_from_a_file_or_the_environment_not_the_process_list(
+    capsys: pytest.CaptureFixture[str],
+    collector: MiniCollector,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    common = (
+        "enroll", "--collector", collector.target, "--enroll-port", str(collector.enroll_port),
+        "--ca-fingerprint", pki.fingerprint(collector.authority.ca_cert, prefixed=True),
+        "--hostname", "ga-ws-01", "--timeout", "5",
+    )  # fmt: skip
+    monkeypatch.delenv("ZONEWATCH_TOKEN", raising=False)
+    code, _, err = agent_cli(capsys, *common, "--state-dir", str(tmp_path / "none"))
+    assert "no enrollment token: pass --token, --token-file FILE or set ZONEWATCH_TOKEN" in one_line_error(
+        code, err
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    code, _, err = agent_cli(
+        capsys, *common, "--token-file", str(token_file), "--state-dir", str(tmp_path / "a")
+    )
+    assert code == 0, err
+    collector.tokens.add("zwt_" + "e" * 43)
+    monkeypatch.setenv("ZONEWATCH_TOKEN", "zwt_" + "e" * 43)
+    code, _, err = agent_cli(capsys, *common, "--state-dir", str(tmp_path / "b"))
+    assert code == 0, err
+    assert [r.token for r in collector.enroll_requests] == [TOKEN, "zwt_" + "e" * 43]

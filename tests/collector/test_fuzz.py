@@ -358,7 +358,7 @@ def facts(draw: st.DrawFn, now: int, wild: bool, kinds: Sequence[str] = ()) -> f
     elif kind in _VERBATIM:
         getattr(fact, kind).CopyFrom(draw(_VERBATIM[kind]))
     elif kind == "unknown":  # a newer agent's kind: a field number this collector does not know
-        number = draw(st.integers(18, 2**29 - 1))
+        number = draw(st.integers(21, 2**29 - 1))  # 18..20: the tier facts (collector/upstream/wire.py)
         payload = draw(st.binary(max_size=40))
         fact.MergeFromString(_varint(number << 3 | 2) + _varint(len(payload)) + payload)
     return fact  # "none": a fact of no kind at all

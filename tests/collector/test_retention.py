@@ -819,7 +819,10 @@ def test_serve_takes_the_retention_flags() -> None:
 
 @pytest.mark.parametrize("flag", ["--raw-hours", "--minute-days", "--hour-days"])
 def test_serve_refuses_a_retention_below_one(tmp_path: Path, flag: str) -> None:
-    result = run_cli("zonewatch-collector", "serve", "--db", str(tmp_path / "c.db"), flag, "0", check=False)
+    result = run_cli(
+        "zonewatch-collector", "serve", "--db", str(tmp_path / "c.db"), flag, "0", "--log-format", "text",
+        check=False,
+    )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip() == f"zonewatch-collector: error: {flag} must be at least 1, got 0"
     assert not (tmp_path / "c.db").exists()

@@ -7,6 +7,7 @@ A helper module for tests/e2e, not a test: the stories import what they need fro
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import socket
 import sqlite3
@@ -15,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -169,13 +171,20 @@ class Retry(NamedTuple):
 
 
 _RETRY = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*; retrying in ([\d.]+) s$")
+_RETRY_EVENT = re.compile(r"; retrying in ([\d.]+) s$")
 
 
 def agent_retries(log: Path) -> list[Retry]:
-    """The transport's "retrying in X s" lines of an agent's log (logging's asctime: local time)."""
+    """The transport's "retrying in X s" events of an agent's log: JSON lines (the default when stderr
+    is a file; ts in UTC), or text lines (--log-format text; logging's asctime: local time)."""
     retries = []
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        if m := _RETRY.match(line):
+        if line.startswith("{"):
+            event = json.loads(line)
+            if m := _RETRY_EVENT.search(event["msg"]):
+                at = datetime.fromisoformat(event["ts"]).timestamp()
+                retries.append(Retry(round(at * 1000), round(float(m[1]) * 1000), line))
+        elif m := _RETRY.match(line):
             at = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S"))
             retries.append(Retry(int(at * 1000) + int(m[2]), round(float(m[3]) * 1000), line))
     return retries

@@ -173,7 +173,8 @@ def test_without_nftables_the_capture_counts_every_byte_per_zone(tmp_path: Path)
             if r["hostname"] == "no-nft-01"
         ]
         # The agents view lists the fallback with its reason.
-        assert row["sensors"].startswith("zone_accounting: fallback: capture on eth"), row
+        # (Beside it, once judged, the budget: over its RSS figure on this build, see README.)
+        assert "zone_accounting: fallback: capture on eth" in row["sensors"], row
         assert "(nftables unavailable: nft not found (is nftables installed?))" in row["sensors"], row
         agent.terminate()
         assert agent.wait(20) == 0

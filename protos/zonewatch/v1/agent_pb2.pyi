@@ -164,7 +164,7 @@ class ZoneRange(_message.Message):
     def __init__(self, first: _Optional[bytes] = ..., last: _Optional[bytes] = ..., zone: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("sample_interval_s", "interfaces", "batch_max_facts", "policy_refresh_s", "zones", "zone_ranges", "zones_version")
+    __slots__ = ("sample_interval_s", "interfaces", "batch_max_facts", "policy_refresh_s", "zones", "zone_ranges", "zones_version", "rule_pack", "catalog_yaml")
     SAMPLE_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
     BATCH_MAX_FACTS_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,8 @@ class Policy(_message.Message):
     ZONES_FIELD_NUMBER: _ClassVar[int]
     ZONE_RANGES_FIELD_NUMBER: _ClassVar[int]
     ZONES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULE_PACK_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_YAML_FIELD_NUMBER: _ClassVar[int]
     sample_interval_s: int
     interfaces: _containers.RepeatedScalarFieldContainer[str]
     batch_max_facts: int
@@ -179,7 +181,17 @@ class Policy(_message.Message):
     zones: _containers.RepeatedCompositeFieldContainer[Zone]
     zone_ranges: _containers.RepeatedCompositeFieldContainer[ZoneRange]
     zones_version: str
-    def __init__(self, sample_interval_s: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., batch_max_facts: _Optional[int] = ..., policy_refresh_s: _Optional[int] = ..., zones: _Optional[_Iterable[_Union[Zone, _Mapping]]] = ..., zone_ranges: _Optional[_Iterable[_Union[ZoneRange, _Mapping]]] = ..., zones_version: _Optional[str] = ...) -> None: ...
+    rule_pack: _containers.RepeatedCompositeFieldContainer[RuleFile]
+    catalog_yaml: str
+    def __init__(self, sample_interval_s: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., batch_max_facts: _Optional[int] = ..., policy_refresh_s: _Optional[int] = ..., zones: _Optional[_Iterable[_Union[Zone, _Mapping]]] = ..., zone_ranges: _Optional[_Iterable[_Union[ZoneRange, _Mapping]]] = ..., zones_version: _Optional[str] = ..., rule_pack: _Optional[_Iterable[_Union[RuleFile, _Mapping]]] = ..., catalog_yaml: _Optional[str] = ...) -> None: ...
+
+class RuleFile(_message.Message):
+    __slots__ = ("name", "text")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    text: str
+    def __init__(self, name: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GetPolicyResponse(_message.Message):
     __slots__ = ("version", "unchanged", "policy")

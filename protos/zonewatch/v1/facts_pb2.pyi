@@ -260,8 +260,88 @@ class DataLoss(_message.Message):
     to_ms: int
     def __init__(self, reason: _Optional[str] = ..., facts: _Optional[int] = ..., first_seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., from_ms: _Optional[int] = ..., to_ms: _Optional[int] = ...) -> None: ...
 
+class TierIncident(_message.Message):
+    __slots__ = ("origin", "incident_id", "rule_id", "title", "severity", "status", "agent_id", "hostname", "department", "county", "first_seen_ms", "last_seen_ms", "count", "updated_ms", "detail_json")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    INCIDENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    COUNTY_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    incident_id: int
+    rule_id: str
+    title: str
+    severity: str
+    status: str
+    agent_id: str
+    hostname: str
+    department: str
+    county: str
+    first_seen_ms: int
+    last_seen_ms: int
+    count: int
+    updated_ms: int
+    detail_json: str
+    def __init__(self, origin: _Optional[str] = ..., incident_id: _Optional[int] = ..., rule_id: _Optional[str] = ..., title: _Optional[str] = ..., severity: _Optional[str] = ..., status: _Optional[str] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., department: _Optional[str] = ..., county: _Optional[str] = ..., first_seen_ms: _Optional[int] = ..., last_seen_ms: _Optional[int] = ..., count: _Optional[int] = ..., updated_ms: _Optional[int] = ..., detail_json: _Optional[str] = ...) -> None: ...
+
+class TierMigration(_message.Message):
+    __slots__ = ("origin", "agent_id", "hostname", "department", "county", "network", "state", "since_ms", "blocker", "updated_ms")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
+    COUNTY_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKER_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    agent_id: str
+    hostname: str
+    department: str
+    county: str
+    network: str
+    state: str
+    since_ms: int
+    blocker: str
+    updated_ms: int
+    def __init__(self, origin: _Optional[str] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., department: _Optional[str] = ..., county: _Optional[str] = ..., network: _Optional[str] = ..., state: _Optional[str] = ..., since_ms: _Optional[int] = ..., blocker: _Optional[str] = ..., updated_ms: _Optional[int] = ...) -> None: ...
+
+class TierRollup(_message.Message):
+    __slots__ = ("origin", "zone", "direction", "hour_ms", "rx_bytes", "tx_bytes", "peak_bps", "capacity_bps", "hosts")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    HOUR_MS_FIELD_NUMBER: _ClassVar[int]
+    RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_BPS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BPS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    zone: str
+    direction: str
+    hour_ms: int
+    rx_bytes: int
+    tx_bytes: int
+    peak_bps: int
+    capacity_bps: int
+    hosts: int
+    def __init__(self, origin: _Optional[str] = ..., zone: _Optional[str] = ..., direction: _Optional[str] = ..., hour_ms: _Optional[int] = ..., rx_bytes: _Optional[int] = ..., tx_bytes: _Optional[int] = ..., peak_bps: _Optional[int] = ..., capacity_bps: _Optional[int] = ..., hosts: _Optional[int] = ...) -> None: ...
+
 class Fact(_message.Message):
-    __slots__ = ("time_ms", "interface_sample", "zone_traffic", "flow", "inventory", "listener_change", "access_summary", "agent_health", "data_loss")
+    __slots__ = ("time_ms", "interface_sample", "zone_traffic", "flow", "inventory", "listener_change", "access_summary", "agent_health", "data_loss", "tier_incident", "tier_migration", "tier_rollup")
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     ZONE_TRAFFIC_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +351,9 @@ class Fact(_message.Message):
     ACCESS_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     AGENT_HEALTH_FIELD_NUMBER: _ClassVar[int]
     DATA_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TIER_INCIDENT_FIELD_NUMBER: _ClassVar[int]
+    TIER_MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    TIER_ROLLUP_FIELD_NUMBER: _ClassVar[int]
     time_ms: int
     interface_sample: InterfaceSample
     zone_traffic: ZoneTraffic
@@ -280,4 +363,7 @@ class Fact(_message.Message):
     access_summary: AccessSummary
     agent_health: AgentHealth
     data_loss: DataLoss
-    def __init__(self, time_ms: _Optional[int] = ..., interface_sample: _Optional[_Union[InterfaceSample, _Mapping]] = ..., zone_traffic: _Optional[_Union[ZoneTraffic, _Mapping]] = ..., flow: _Optional[_Union[Flow, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., listener_change: _Optional[_Union[ListenerChange, _Mapping]] = ..., access_summary: _Optional[_Union[AccessSummary, _Mapping]] = ..., agent_health: _Optional[_Union[AgentHealth, _Mapping]] = ..., data_loss: _Optional[_Union[DataLoss, _Mapping]] = ...) -> None: ...
+    tier_incident: TierIncident
+    tier_migration: TierMigration
+    tier_rollup: TierRollup
+    def __init__(self, time_ms: _Optional[int] = ..., interface_sample: _Optional[_Union[InterfaceSample, _Mapping]] = ..., zone_traffic: _Optional[_Union[ZoneTraffic, _Mapping]] = ..., flow: _Optional[_Union[Flow, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., listener_change: _Optional[_Union[ListenerChange, _Mapping]] = ..., access_summary: _Optional[_Union[AccessSummary, _Mapping]] = ..., agent_health: _Optional[_Union[AgentHealth, _Mapping]] = ..., data_loss: _Optional[_Union[DataLoss, _Mapping]] = ..., tier_incident: _Optional[_Union[TierIncident, _Mapping]] = ..., tier_migration: _Optional[_Union[TierMigration, _Mapping]] = ..., tier_rollup: _Optional[_Union[TierRollup, _Mapping]] = ...) -> None: ...
