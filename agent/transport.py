@@ -292,6 +292,18 @@ class Transport:
         self, current_version: str, agent_id: str, timeout_s: float = 10.0
     ) -> PolicyUpdate | None:
         """The collector's policy if it differs from current_version, else None."""
+        response = await self.get_policy_response(current_version, agent_id, timeout_s)
+        if response.unchanged:
+            return None
+        try:
+            return policy_update(response)
+        except ValueError as exc:
+            raise TransportError(f"GetPolicy: the collector sent a policy we cannot use: {exc}") from exc
+
+    async def get_policy_response(
+        self, current_version: str, agent_id: str, timeout_s: float = 10.0
+    ) -> agent_pb2.GetPolicyResponse:
+        """GetPolicy as the collector answered it (a lower-tier collector reads what agents ignore)."""
         channel = self._open_channel()
         method = channel.unary_unary(
             POLICY_METHOD,
@@ -299,18 +311,13 @@ class Transport:
             response_deserializer=agent_pb2.GetPolicyResponse.FromString,
         )
         try:
-            response = await method(
+            response: agent_pb2.GetPolicyResponse = await method(
                 agent_pb2.GetPolicyRequest(agent_id=agent_id, current_version=current_version),
                 timeout=timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
             raise TransportError(f"GetPolicy: {exc.code().name}: {exc.details()}") from exc
-        if response.unchanged:
-            return None
-        try:
-            return policy_update(response)
-        except ValueError as exc:
-            raise TransportError(f"GetPolicy: the collector sent a policy we cannot use: {exc}") from exc
+        return response
 
     async def renew(self, csr_pem: bytes, timeout_s: float = 30.0) -> IssuedCertificate:
         """A fresh certificate for our key, asked for over the current mTLS connection."""

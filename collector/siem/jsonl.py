@@ -14,6 +14,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from agent.atomicfile import fsync_directory
 from collector.siem import DeliveryError
 
 
@@ -53,7 +54,7 @@ class JsonLinesFile:
             if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
                 os.write(fd, b"\n")  # a torn last line (a crash mid-write) stays a line of its own
             if created:
-                _fsync_directory(self.path.parent)
+                fsync_directory(self.path.parent)
         except OSError:
             os.close(fd)
             raise
@@ -65,11 +66,3 @@ class JsonLinesFile:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

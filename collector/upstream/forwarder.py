@@ -26,8 +26,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from agent import __version__
 from agent.config import LABELS
 from agent.credentials import Credentials, load_credentials
@@ -35,8 +33,8 @@ from agent.errors import AgentError, TransportError
 from agent.health import Health, SelfMonitor
 from agent.renewal import Renewal
 from agent.spool import Spool
-from agent.transport import CHANNEL_OPTIONS, TLS_OPTIONS, Transport
-from agent.wire import POLICY_METHOD, batch_request, health_fact, hello_request
+from agent.transport import Transport
+from agent.wire import batch_request, health_fact, hello_request
 from collector.errors import CollectorError
 from collector.store.database import open_database
 from collector.store.tiers import (
@@ -50,7 +48,7 @@ from collector.store.tiers import (
 )
 from collector.upstream.state import Cursors, ForwarderStatus, TierState
 from collector.upstream.wire import incident_fact, migration_fact, rollup_fact
-from protos.zonewatch.v1 import agent_pb2, facts_pb2
+from protos.zonewatch.v1 import facts_pb2
 
 log = logging.getLogger(__name__)
 
@@ -362,27 +360,10 @@ class Forwarder:
 
     async def fetch_policy(self, timeout_s: float = 10.0) -> bool:
         """GetPolicy from the upstream; True when a new version was taken."""
-        tls = self.renewal.credentials.tls  # renewed in place when the certificate is
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem
+        # Over the stream's own channel, which follows certificate renewals.
+        response = await self.transport.get_policy_response(
+            self.transport.policy_version, self.agent_id, timeout_s
         )
-        async with grpc.aio.secure_channel(
-            self.upstream, credentials, options=CHANNEL_OPTIONS + TLS_OPTIONS
-        ) as channel:
-            method = channel.unary_unary(
-                POLICY_METHOD,
-                request_serializer=agent_pb2.GetPolicyRequest.SerializeToString,
-                response_deserializer=agent_pb2.GetPolicyResponse.FromString,
-            )
-            try:
-                response = await method(
-                    agent_pb2.GetPolicyRequest(
-                        agent_id=self.agent_id, current_version=self.transport.policy_version
-                    ),
-                    timeout=timeout_s,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise TransportError(f"GetPolicy: {exc.code().name}: {exc.details()}") from exc
         if response.unchanged:
             return False
         policy = response.policy
