@@ -17,6 +17,7 @@ import gc
 import logging
 import marshal
 import multiprocessing
+import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -94,6 +95,10 @@ def _decode_outcome(data: tuple[Any, ...]) -> Settled | Rejected:
 
 def _serve(conn: Connection, db_path: str, log_settings: dict[str, Any] | None = None) -> None:
     """The child's main loop: one request, one reply, until close or EOF."""
+    # Ctrl-C reaches the whole process group: the collector shuts down gracefully on it and closes our
+    # pipe once its in-flight batches are committed. Interrupted here, a commit would fail half-way and
+    # the user would see a KeyboardInterrupt traceback from a process they never started.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_settings is not None:
         logfmt.configure(**log_settings)
 
