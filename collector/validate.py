@@ -17,6 +17,7 @@ from typing import Any
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from collector.checks import INT64_MAX, MIN_TIME_MS, text
 from collector.errors import ValidationError
 from collector.model import (
     MAX_BATCH_SPAN_MS,
@@ -34,9 +35,6 @@ from collector.model import (
 from collector.upstream.wire import TIER_KINDS, tier_row
 from protos.zonewatch.v1 import agent_pb2, facts_pb2
 
-INT64_MAX = 2**63 - 1
-# 2000-01-01: anything earlier is a broken clock, not an observation.
-MIN_TIME_MS = 946_684_800_000
 MAX_FUTURE_MS = 24 * 3600 * 1000
 MAX_INTERVAL_MS = 24 * 3600 * 1000
 MAX_FACTS_PER_BATCH = 20_000
@@ -57,16 +55,6 @@ _FIELD_GETTERS = tuple(attrgetter(name) for name in _SAMPLE_FIELDS[1:])
 _time_of = attrgetter("time_ms")
 _kind_of = methodcaller("WhichOneof", "kind")
 _COUNTERS = slice(1, 10)  # rx_bytes .. interval_ms
-
-
-def text(value: str, field: str, max_len: int, *, required: bool = False) -> str:
-    if required and not value:
-        raise ValidationError(field, "must not be empty")
-    if len(value) > max_len:
-        raise ValidationError(field, f"is {len(value)} characters long, at most {max_len} allowed")
-    if not value.isprintable():
-        raise ValidationError(field, "contains control characters")
-    return value
 
 
 def _agent_id(value: str, field: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from collector.checks import INT64_MAX, MIN_TIME_MS, text
 from collector.errors import ValidationError
 from collector.migration import STATES
 from collector.store.incidents import SEVERITIES
@@ -26,8 +27,6 @@ MAX_HOSTNAME = 253
 MAX_BLOCKER = 512
 # A tier path: up to a handful of names, "/"-separated.
 MAX_ORIGIN = 512
-INT64_MAX = 2**63 - 1
-MIN_TIME_MS = 946_684_800_000  # 2000-01-01, as validate.py
 
 
 # --- building (the forwarder) ------------------------------------------------------------------
@@ -39,7 +38,7 @@ TRUNCATED_DETAIL = '{"truncated": "the evidence was larger than a tier fact carr
 
 
 def clean(value: str, max_len: int, *, fallback: str = "") -> str:
-    """``value`` as _text() accepts it: non-printable characters (tab, NBSP, ...) made spaces, cut
+    """``value`` as text() accepts it: non-printable characters (tab, NBSP, ...) made spaces, cut
     to ``max_len``; ``fallback`` when that leaves nothing and the field is required."""
     if not value.isprintable():
         value = "".join(c if c.isprintable() else " " for c in value)
@@ -124,16 +123,6 @@ def rollup_fact(rollup: Rollup, time_ms: int) -> facts_pb2.Fact:
 # --- checking (the upstream) -------------------------------------------------------------------
 
 
-def _text(value: str, field: str, max_len: int, *, required: bool = False) -> str:
-    if required and not value:
-        raise ValidationError(field, "must not be empty")
-    if len(value) > max_len:
-        raise ValidationError(field, f"is {len(value)} characters long, at most {max_len} allowed")
-    if not value.isprintable():
-        raise ValidationError(field, "contains control characters")
-    return value
-
-
 def _one_of(value: str, allowed: tuple[str, ...], field: str) -> str:
     if value not in allowed:
         shown = ", ".join(a or '""' for a in allowed)
@@ -158,7 +147,7 @@ def _count(value: int, field: str) -> int:
 
 
 def _origin(value: str, field: str) -> str:
-    _text(value, field, MAX_ORIGIN)
+    text(value, field, MAX_ORIGIN)
     if value and any(not part.strip() or part != part.strip() for part in value.split("/")):
         raise ValidationError(field, "must be tier names separated by '/', none empty or padded")
     return value
@@ -190,14 +179,14 @@ def tier_row(fact: facts_pb2.Fact, kind: str, prefix: str, latest_ms: int) -> Ti
             "incident",
             _origin(m.origin, f"{prefix}.origin"),
             m.incident_id,
-            _text(m.rule_id, f"{prefix}.rule_id", MAX_TEXT, required=True),
-            _text(m.title, f"{prefix}.title", MAX_TITLE, required=True),
+            text(m.rule_id, f"{prefix}.rule_id", MAX_TEXT, required=True),
+            text(m.title, f"{prefix}.title", MAX_TITLE, required=True),
             _one_of(m.severity, SEVERITIES, f"{prefix}.severity"),
             _one_of(m.status, STATUSES, f"{prefix}.status"),
-            _text(m.agent_id, f"{prefix}.agent_id", MAX_TEXT),
-            _text(m.hostname, f"{prefix}.hostname", MAX_HOSTNAME),
-            _text(m.department, f"{prefix}.department", MAX_TEXT),
-            _text(m.county, f"{prefix}.county", MAX_TEXT),
+            text(m.agent_id, f"{prefix}.agent_id", MAX_TEXT),
+            text(m.hostname, f"{prefix}.hostname", MAX_HOSTNAME),
+            text(m.department, f"{prefix}.department", MAX_TEXT),
+            text(m.county, f"{prefix}.county", MAX_TEXT),
             first,
             last,
             _count(m.count, f"{prefix}.count"),
@@ -209,14 +198,14 @@ def tier_row(fact: facts_pb2.Fact, kind: str, prefix: str, latest_ms: int) -> Ti
         return (
             "migration",
             _origin(mm.origin, f"{prefix}.origin"),
-            _text(mm.agent_id, f"{prefix}.agent_id", MAX_TEXT, required=True),
-            _text(mm.hostname, f"{prefix}.hostname", MAX_HOSTNAME),
-            _text(mm.department, f"{prefix}.department", MAX_TEXT),
-            _text(mm.county, f"{prefix}.county", MAX_TEXT),
-            _text(mm.network, f"{prefix}.network", MAX_TEXT, required=True),
+            text(mm.agent_id, f"{prefix}.agent_id", MAX_TEXT, required=True),
+            text(mm.hostname, f"{prefix}.hostname", MAX_HOSTNAME),
+            text(mm.department, f"{prefix}.department", MAX_TEXT),
+            text(mm.county, f"{prefix}.county", MAX_TEXT),
+            text(mm.network, f"{prefix}.network", MAX_TEXT, required=True),
             _one_of(mm.state, STATES, f"{prefix}.state"),
             _time(mm.since_ms, f"{prefix}.since_ms", latest_ms),
-            _text(mm.blocker, f"{prefix}.blocker", MAX_BLOCKER),
+            text(mm.blocker, f"{prefix}.blocker", MAX_BLOCKER),
             _time(mm.updated_ms, f"{prefix}.updated_ms", latest_ms),
         )
     if kind == "tier_rollup":
@@ -227,7 +216,7 @@ def tier_row(fact: facts_pb2.Fact, kind: str, prefix: str, latest_ms: int) -> Ti
         return (
             "rollup",
             _origin(mr.origin, f"{prefix}.origin"),
-            _text(mr.zone, f"{prefix}.zone", MAX_TEXT, required=True),
+            text(mr.zone, f"{prefix}.zone", MAX_TEXT, required=True),
             _one_of(mr.direction, DIRECTIONS, f"{prefix}.direction"),
             hour,
             _count(mr.rx_bytes, f"{prefix}.rx_bytes"),
